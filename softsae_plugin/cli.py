@@ -1,0 +1,212 @@
+"""The `sae-lens` command: `sae-lens train` runs SAE-Lens' own training runner for any registered architecture.
+
+Every option of SAE-Lens' runner CLI (`python -m sae_lens.llm_sae_training_runner`) passes through
+unchanged; this command adds `--config FILE.yaml`, the embedding path (`--activations PATH`), offline
+sources for the model and text, and the summary every run writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import fields
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
+from sae_lens.constants import SPARSITY_FILENAME
+from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner, _parse_cfg_args
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+
+import softsae_plugin  # noqa: F401  (registers softsae before the runner reads the registry)
+from softsae_plugin.summary import print_summary, summarise, write_summary
+from softsae_plugin.train import train_on_activations, with_run_length
+
+# Options this command adds in front of SAE-Lens' own.
+OWN_OPTIONS = ("config", "activations")
+# SAE-Lens logs to W&B unless told otherwise; an offline command should not try.
+DEFAULT_ARGS = ["--log_to_wandb", "false"]
+SUMMARY_BATCHES = 8
+
+
+def _config_fields(architecture: str) -> dict[str, Any]:
+    """Every key a YAML config may hold for `architecture`, with its type: the runner CLI's flags."""
+    sae_cfg_cls = SAE_TRAINING_CLASS_REGISTRY[architecture][1]
+    types: dict[str, Any] = {"architecture": str, "activations": str}
+    for cls in (LanguageModelSAERunnerConfig, LoggingConfig):
+        hints = typing.get_type_hints(cls)
+        types.update({f.name: hints[f.name] for f in fields(cls) if f.name not in ("sae", "logger")})
+    hints = typing.get_type_hints(sae_cfg_cls)
+    for f in fields(sae_cfg_cls):
+        if f.name == "metadata":
+            continue
+        # The runner CLI names SAE fields that clash with runner fields "sae.<name>".
+        types[f"sae.{f.name}" if f.name in types else f.name] = hints[f.name]
+    return types
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read and validate a YAML training config; keys are the runner CLI's option names.
+
+    Unknown keys are an error that names the key and the nearest valid one; values are type-checked
+    with pydantic against SAE-Lens' and softsae's config dataclasses.
+    """
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    architecture = data.get("architecture", "standard")
+    if architecture not in SAE_TRAINING_CLASS_REGISTRY:
+        raise ValueError(
+            f"{path}: architecture={architecture!r} is not registered; "
+            f"expected one of {sorted(SAE_TRAINING_CLASS_REGISTRY)}"
+        )
+    valid = _config_fields(architecture)
+    for key in data:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"{path}: unknown key {key!r} for architecture {architecture!r}{hint}")
+    model = pydantic.create_model(  # type: ignore[call-overload]
+        "TrainConfig",
+        __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=False),
+        **{name.replace(".", "__"): (tp | None, None) for name, tp in valid.items()},
+    )
+    try:
+        model.model_validate({k.replace(".", "__"): v for k, v in data.items()})
+    except pydantic.ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']).replace('__', '.')}={e.get('input')!r}: {e['msg']}"
+            for e in err.errors()
+        )
+        raise ValueError(f"{path}: {problems}") from None
+    return data
+
+
+def config_to_args(config: dict[str, Any]) -> list[str]:
+    """Turn a validated config mapping into runner CLI arguments."""
+    args: list[str] = []
+    for key, value in config.items():
+        if key == "activations":
+            continue
+        if isinstance(value, bool):
+            args += [f"--{key}", str(value).lower()]
+        elif isinstance(value, dict):
+            args += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            args += [f"--{key}", *map(str, value)]
+        else:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def _train(argv: Sequence[str]) -> None:
+    own = argparse.ArgumentParser(prog="sae-lens train", add_help=False)
+    own.add_argument("--config", help="a YAML file of runner options (see configs/)")
+    own.add_argument("--activations", help="train on a file of activation vectors instead of a language model")
+    known, rest = own.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        print(
+            "sae-lens train [--config FILE.yaml] [--activations FILE] [SAE-Lens runner options]\n"
+            "  --config FILE.yaml   options from a YAML file (keys are the option names below); the command\n"
+            "                       line overrides them\n"
+            "  --activations FILE   the embedding path: train on (n, d_in) vectors from .npy, .safetensors or\n"
+            "                       a saved HF dataset; --training_tokens counts vectors, d_in comes from the file\n"
+            "Model names that are local ids (e.g. smollm2-135m-instruct-q4_1) and the dataset\n"
+            "'local:english-wikipedia' are built offline from installed packages.\n"
+        )
+    config = load_yaml_config(known.config) if known.config else {}
+    activations = known.activations or config.get("activations")
+    args = DEFAULT_ARGS + config_to_args(config) + list(rest)
+    if activations is not None:
+        _train_on_file(activations, args)
+        return
+    cfg = _parse_cfg_args(args)
+    run_llm_training(cfg)
+
+
+def run_llm_training(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
+    """Run SAE-Lens' runner on `cfg`, with offline model and text sources where the names ask for them.
+
+    Records the run length in the SAE config, and writes the training summary (FVE, L0, k_hat) into the
+    output folder.
+    """
+    from softsae_plugin.smollm2 import is_local_model, load_local_model
+    from softsae_plugin.text import LOCAL_TEXT_ID, tokenized_english_text
+
+    cfg.sae = with_run_length(cfg.sae, cfg.total_training_steps)
+    override_model = None
+    if is_local_model(cfg.model_name):
+        # Build only the blocks up to the hook: SAE-Lens' activation store stops there too.
+        override_model = load_local_model(
+            cfg.model_name,
+            first_n_layers=extract_stop_at_layer_from_tlens_hook_name(cfg.hook_name),
+            device=cfg.llm_device,
+        )
+    override_dataset = None
+    if cfg.dataset_path == LOCAL_TEXT_ID:
+        if override_model is None:
+            raise ValueError(
+                f"dataset_path={LOCAL_TEXT_ID!r} needs a local model_name (e.g. smollm2-135m-instruct-q4_1)"
+            )
+        override_dataset = tokenized_english_text(
+            override_model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos
+        )
+        cfg.is_dataset_tokenized = True
+    runner = LanguageModelSAETrainingRunner(cfg, override_dataset=override_dataset, override_model=override_model)
+    sae = runner.run()
+    if cfg.output_path is not None:
+        from safetensors.torch import load_file
+
+        sparsity = load_file(str(Path(cfg.output_path) / SPARSITY_FILENAME))["sparsity"]
+        eval_batches = islice(runner.activations_store, SUMMARY_BATCHES)
+        summary, k_hat = summarise(sae, eval_batches, sparsity)
+        summary["training_tokens"] = cfg.training_tokens
+        write_summary(summary, k_hat, cfg.output_path)
+        print_summary(summary)
+    return sae
+
+
+def _train_on_file(path: str, args: list[str]) -> None:
+    from softsae_plugin.activations import load_activations
+
+    activations = load_activations(path)
+    args = [*args, "--d_in", str(activations.shape[1])]
+    cfg = _parse_cfg_args(args)
+    sae_cfg = with_run_length(cfg.sae, cfg.total_training_steps)
+    train_on_activations(
+        activations,
+        sae_cfg,
+        batch_size=cfg.train_batch_size_tokens,
+        training_steps=cfg.total_training_steps,
+        lr=cfg.lr,
+        lr_warm_up_steps=cfg.lr_warm_up_steps,
+        lr_decay_steps=cfg.lr_decay_steps,
+        seed=cfg.seed,
+        device=cfg.device,
+        autocast=cfg.autocast,
+        dead_feature_window=cfg.dead_feature_window,
+        feature_sampling_window=cfg.feature_sampling_window,
+        output_path=cfg.output_path,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `sae-lens` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": _train}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: sae-lens {train} ...\n  train   train an SAE with SAE-Lens' runner (sae-lens train --help)")
+        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

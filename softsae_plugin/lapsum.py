@@ -1,0 +1,220 @@
+"""LapSum soft top-k (Struski et al., ICML 2025): closed-form solve and closed-form backward.
+
+For a row of scores x, a target k in (0, n) and a scale tau > 0, the shift b solves
+sum_j F((x_j - b) / tau) = k with F the standard Laplace CDF, and the weights are p_j = F((x_j - b) / tau).
+See the SoftSAE method notes, section 1. All solving is done in "scaled" units v = (x - anchor) / tau, with the
+anchor a score of the same row close to the threshold, so that float32 stays accurate at tau = 1e-4.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["soft_topk"]
+
+Method = Literal["auto", "sort", "topk"]
+
+# Far tails are flushed to exact zeros: each e^z / 2 becomes (e^max(z, floor) - e^floor) / 2, clamped at 0, which
+# changes no weight by more than 1e-35 yet avoids the slow path of exp() on very negative arguments and the
+# denormals (far slower still on CPU) that tiny weights produce in the products downstream.
+_EXP_FLOOR = -80.0
+
+
+def _half_exp(arg: Tensor) -> Tensor:
+    """e^arg / 2 for arg <= 0, flushed to 0 below e^_EXP_FLOOR (see above)."""
+    return arg.clamp(min=_EXP_FLOOR).exp_().sub_(math.exp(_EXP_FLOOR)).clamp_(min=0).mul_(0.5)
+
+
+def _laplace_cdf(z: Tensor) -> Tensor:
+    """Standard Laplace CDF F(z) = e^z / 2 for z <= 0 and 1 - e^-z / 2 for z > 0."""
+    half_tail = _half_exp(-z.abs())
+    return torch.where(z > 0, 1 - half_tail, half_tail)
+
+
+def _kth_largest(sorted_desc: Tensor, k: Tensor) -> Tensor:
+    """Per row, the ceil(k)-th largest entry of rows sorted in descending order (the solve's anchor)."""
+    index = (torch.ceil(k).long() - 1).clamp_(0, sorted_desc.shape[-1] - 1)
+    return sorted_desc.gather(-1, index[:, None]).squeeze(-1)
+
+
+def _threshold(top: Tensor, k: Tensor, tail_lse: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Solve sum_j F(v_j - t) = k for t, closed form, for rows of scaled scores v.
+
+    `top` (R, m) holds the largest scaled scores of each row in descending order; `tail_lse` (R,) is the
+    log-sum-exp of the row's other scaled scores (all <= top[:, -1]), or None when `top` is the whole row.
+    Returns t (R,) and a mask (R,) of the rows whose threshold is proven to lie at or above top[:, -1], which
+    is what makes folding the tail into one sum exact; t is meaningless on the other rows.
+    """
+    m = top.shape[-1]
+    # Choose the piece: S_i = S(t = v_i) = i + (1 + Q_i - P_i) / 2 with P_i = sum_{j<=i} e^(v_i - v_j) and
+    # Q_i = sum_{j>=i} e^(v_j - v_i) (every exponent <= 0), nondecreasing in i. Rounding in these running sums
+    # can only pick a neighbouring piece when k is within rounding of an S_i, i.e. when t is that close to
+    # v_i, where the neighbour's root is accurate to second order; cummax keeps rounding from breaking the
+    # monotonicity searchsorted relies on.
+    log_p = top + torch.logcumsumexp(-top, dim=-1)
+    log_q = torch.logcumsumexp(top.flip(-1), dim=-1).flip(-1) - top
+    if tail_lse is not None:
+        log_q = torch.logaddexp(log_q, tail_lse[:, None] - top)
+    position = torch.arange(m, dtype=top.dtype, device=top.device)
+    s = torch.cummax(position + 0.5 * (1 + log_q.exp() - log_p.exp()), dim=-1).values
+    piece = torch.searchsorted(s, k[:, None]).squeeze(-1)  # first i with S_i >= k: t in [v_i, v_{i-1}]
+
+    # The root needs A = P_{i-1} and B = Q_i accurately: re-sum them directly (logsumexp sums in blocks).
+    above = (piece - 1).clamp(min=0)[:, None]
+    below = piece.clamp(max=m - 1)[:, None]
+    v_above = top.gather(-1, above).squeeze(-1)
+    v_below = top.gather(-1, below).squeeze(-1)
+    is_above = torch.arange(m, device=top.device) < piece[:, None]
+    log_a = torch.logsumexp((v_above[:, None] - top).masked_fill_(~is_above, -math.inf), dim=-1)
+    log_b = torch.logsumexp((top - v_below[:, None]).masked_fill_(is_above, -math.inf), dim=-1)
+    if tail_lse is not None:
+        log_b = torch.logaddexp(log_b, tail_lse - v_below)
+    # On the piece, y = e^(t - v_above) solves A y^2 + 2 e y - B g = 0 with e = k - i, g = e^(v_below - v_above).
+    # Take log r, r = |e| + sqrt(e^2 + A B g), in the log domain: g underflows in float32 for integer k.
+    excess = k - piece.to(k.dtype)
+    log_abs_excess = excess.abs().log()
+    log_root = torch.logaddexp(
+        log_abs_excess, 0.5 * torch.logaddexp(2 * log_abs_excess, log_a + log_b + (v_below - v_above))
+    )
+    # Of the two equivalent forms of the root, each side uses the one without cancellation.
+    t_inner = torch.where(excess <= 0, v_above + log_root - log_a, v_below + log_b - log_root)
+    t_first = v_below + log_b - torch.log(2 * k)  # piece 0: threshold above every score, B = Q_0
+    t_last = v_above + torch.log(2 * (m - k)) - log_a  # piece m: below every score (whole row only), A = P_{m-1}
+    t = torch.where(piece == 0, t_first, torch.where(piece == m, t_last, t_inner))
+    found = piece < m if tail_lse is not None else torch.ones_like(piece, dtype=torch.bool)
+    return t, found
+
+
+def _solve_sorted(x: Tensor, k: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference solve on rows x (R, n): full sort. Returns the weights and each row's anchor score."""
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)
+    anchor = _kth_largest(sorted_x, k)
+    scaled = (sorted_x - anchor[:, None]) / tau
+    t, _ = _threshold(scaled, k, None)
+    weights = torch.empty_like(x).scatter_(-1, order, _laplace_cdf(scaled - t[:, None]))
+    return weights, anchor
+
+
+def _solve_candidates(x: Tensor, k: Tensor, tau: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Fast solve on rows x (R, n): the top `size` scores are solved exactly, the rest enter as one sum.
+
+    Returns the weights, the anchors and the mask of rows whose threshold lies among the candidates; the
+    weights of the other rows are meaningless.
+    """
+    top_x, top_index = torch.topk(x, size, dim=-1)
+    anchor = _kth_largest(top_x, k)
+    top = (top_x - anchor[:, None]) / tau
+    # e^((x - lowest candidate) / tau) over the tail, clamped to <= 0 and with the candidates zeroed.
+    tail = torch.sub(x, top_x[:, -1:]).div_(tau).clamp_(_EXP_FLOOR, 0).exp_().scatter_(-1, top_index, 0)
+    t, found = _threshold(top, k, top[:, -1] + tail.sum(-1).log())
+    # The tail lies below the threshold, so p = e^(v - t) / 2 there: `tail` rescaled by e^(lowest - t) / 2 (no
+    # second exp pass), flushed as in _half_exp before rescaling so that tiny weights become zeros, not denormals.
+    shift = (top[:, -1] - t)[:, None]  # <= 0 on the rows where `found`
+    flush_level = torch.exp(_EXP_FLOOR - shift)
+    weights = tail.sub_(flush_level).clamp_(min=0).mul_(0.5 * torch.exp(shift))
+    weights.scatter_(-1, top_index, _laplace_cdf(top - t[:, None]))
+    return weights, anchor, found
+
+
+def _solve(x: Tensor, k: Tensor, tau: Tensor, method: Method, margin: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward solve on rows x (R, n) with targets k (R,).
+
+    Returns the weights (R, n), each row's anchor score (R,) and the indices of the rows the fast path handed
+    to the full solve (observable for tests; empty when the full solve was used directly).
+    """
+    n = x.shape[-1]
+    inside = (k > 0) & (k < n)
+    k_solved = torch.where(inside, k, min(1.0, n / 2))  # any valid target; those rows are overwritten below
+    size = n if method == "sort" or x.shape[0] == 0 else int(torch.ceil(k_solved.max())) + margin
+    use_candidates = size < (n / 2 if method == "auto" else n)
+    fallback = torch.empty(0, dtype=torch.long, device=x.device)
+    if use_candidates:
+        weights, anchor, found = _solve_candidates(x, k_solved, tau, size)
+        fallback = (~found).nonzero().squeeze(-1)
+        if fallback.numel() > 0:
+            weights[fallback], anchor[fallback] = _solve_sorted(x[fallback], k_solved[fallback], tau)
+    else:
+        weights, anchor = _solve_sorted(x, k_solved, tau)
+    if not bool(inside.all()):  # ends of the domain: the limits k -> 0 (all zeros) and k -> n (all ones)
+        weights = torch.where(inside[:, None], weights, (k >= n).to(weights.dtype)[:, None])
+    return weights, anchor, fallback
+
+
+class _SoftTopK(torch.autograd.Function):
+    """Closed-form solve forward; implicit-differentiation backward for x, k and tau."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, k: Tensor, tau: Tensor, method: Method, margin: int) -> Tensor:
+        n = x.shape[-1]
+        weights, anchor, _ = _solve(x.reshape(-1, n), k.reshape(-1), tau, method, margin)
+        out = weights.view(x.shape)
+        ctx.save_for_backward(out, x if ctx.needs_input_grad[2] else None, anchor, tau)  # x: for dL/dtau only
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        out, x, anchor, tau = ctx.saved_tensors
+        n = out.shape[-1]
+        weights, grad = out.reshape(-1, n), grad_out.reshape(-1, n)
+        # tau * dp/dz = F'(z) = min(F, 1 - F): no exp needed. Zero on saturated rows and at the domain ends.
+        density = (1 - weights).clamp_max_(weights)
+        weighted_grad = density * grad
+        total = density.sum(-1, keepdim=True)
+        total = torch.where(total > 0, total, 1)  # every weight is exactly 0 or 1: no gradient, and no NaN
+        mean_grad = weighted_grad.sum(-1, keepdim=True) / total  # gbar = sum_i q_i g_i
+        grad_x = grad_k = grad_tau = None
+        if ctx.needs_input_grad[2]:
+            # Offsets from a score near the threshold keep x_j - xbar free of cancellation.
+            offset = x.reshape(-1, n) - anchor[:, None]
+            mean_offset = (density * offset).sum(-1, keepdim=True) / total
+            grad_tau = -(weighted_grad * (offset - mean_offset)).sum() / tau**2
+        if ctx.needs_input_grad[1]:
+            grad_k = mean_grad.view(out.shape[:-1])
+        if ctx.needs_input_grad[0]:  # last: it reuses weighted_grad's memory
+            grad_x = weighted_grad.addcmul_(density, mean_grad, value=-1).div_(tau).view(out.shape)
+        return grad_x, grad_k, grad_tau, None, None
+
+
+def soft_topk(
+    x: Tensor, k: float | Tensor, tau: float | Tensor, *, method: Method = "auto", margin: int = 16
+) -> Tensor:
+    """LapSum soft top-k weights p = F((x - b) / tau) along the last axis, with b chosen so that sum(p) == k.
+
+    `x` is (..., n), floating point (float16/bfloat16 are computed in float32 and cast back); `k` is a real
+    number or a tensor of shape x.shape[:-1], used as is (not rounded); `tau` > 0 is a number or a 0-dim
+    tensor (small tau = close to the hard top-k mask). Gradients flow to x, k and tau (closed form). The valid
+    domain is 0 < k < n; the ends are defined by their limits: rows with k <= 0 give all zeros and rows with
+    k >= n all ones, with zero gradient. `method`: "sort" solves on the fully sorted row; "topk" solves on the
+    top ceil(max k) + `margin` scores with the rest folded into one sum, verifies that the threshold lies among
+    them and re-solves the failing rows with "sort" (same result to rounding); "auto" uses "topk" when
+    ceil(max k) + margin < n / 2. Weights below about 1e-35 are flushed to exact zeros (speed; see
+    _EXP_FLOOR). Reading max k and checking tau synchronise with the device.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+    if method not in ("auto", "sort", "topk"):
+        raise ValueError(f"method must be 'auto', 'sort' or 'topk', got {method!r}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    if isinstance(tau, Tensor):
+        if tau.dim() != 0:
+            raise ValueError(f"tau must be a number or a 0-dim tensor, got shape {tuple(tau.shape)}")
+        tau_value = tau.to(device=x.device, dtype=dtype)
+    else:
+        tau_value = torch.tensor(float(tau), device=x.device, dtype=dtype)
+    if not bool(tau_value > 0):
+        raise ValueError(f"tau must be > 0, got tau={float(tau_value)}")
+    if isinstance(k, Tensor):
+        if k.shape != x.shape[:-1]:
+            raise ValueError(
+                f"k must be a number or have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got shape {tuple(k.shape)}"
+            )
+        k_value = k.to(device=x.device, dtype=dtype)
+    else:
+        k_value = torch.full(x.shape[:-1], float(k), device=x.device, dtype=dtype)
+    return _SoftTopK.apply(x.to(dtype), k_value, tau_value, method, margin).to(x.dtype)

@@ -1,0 +1,148 @@
+"""Training through SAE-Lens: the embedding path, the `sae-lens train` command and its YAML configs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from sae_lens import SAE
+from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+from safetensors.torch import save_file
+
+from softsae_plugin import SoftSAE, SoftTrainingSAEConfig, train_on_activations
+from softsae_plugin.activations import load_activations
+from softsae_plugin.cli import load_yaml_config
+from softsae_plugin.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
+
+REPO = Path(__file__).resolve().parents[1]
+SAE_LENS = str(Path(sys.executable).with_name("sae-lens"))
+D_IN = 32
+
+
+def synthetic_activations(n: int = 4096, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs that are positive mixes of a known, varying number (1..12) of ground-truth directions."""
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(128, D_IN, generator=gen), dim=-1)
+    counts = torch.randint(1, 13, (n,), generator=gen)
+    mask = torch.rand(n, 128, generator=gen).argsort(-1) < counts[:, None]
+    x = (mask * torch.rand(n, 128, generator=gen)) @ directions
+    return x, counts
+
+
+def soft_cfg(**overrides) -> SoftTrainingSAEConfig:
+    return SoftTrainingSAEConfig(**{"d_in": D_IN, "d_sae": 256, "k": 6, **overrides})
+
+
+def test_embedding_path_trains_softsae_deterministically(tmp_path):
+    x, counts = synthetic_activations()
+    kwargs = dict(batch_size=128, training_steps=300, lr=2e-3, seed=3, progress=False)
+    sae = train_on_activations(x[:3500], soft_cfg(), output_path=tmp_path, eval_activations=x[3500:], **kwargs)
+    again = train_on_activations(x[:3500], soft_cfg(), **kwargs)
+    for name, value in sae.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+    summary = json.loads((tmp_path / SUMMARY_FILENAME).read_text())
+    assert summary["fve"] > 0.5
+    assert 0.8 * 6 <= summary["mean_l0"] <= 1.2 * 6
+    assert (tmp_path / K_HAT_HISTOGRAM_FILENAME).stat().st_size > 1000
+    # The saved model takes raw activations; k_hat grows with the number of ingredients.
+    loaded = SAE.load_from_disk(tmp_path)
+    assert isinstance(loaded, SoftSAE)
+    k_hat = loaded.predict_k(x[3500:]).detach()
+    rank_corr = np.corrcoef(k_hat.argsort().argsort(), counts[3500:].argsort().argsort())[0, 1]
+    assert rank_corr > 0.5
+    assert torch.equal(loaded.encode(x[3500:]), sae.encode(x[3500:]))
+
+
+def test_embedding_path_trains_builtin_architectures():
+    x, _ = synthetic_activations(1024)
+    sae = train_on_activations(x, TopKTrainingSAEConfig(d_in=D_IN, d_sae=128, k=4), batch_size=128,
+                               training_steps=20, progress=False)  # fmt: skip
+    assert ((sae.encode(x) != 0).sum(-1) == 4).all()
+
+
+def test_activation_files_load_alike(tmp_path):
+    x, _ = synthetic_activations(64)
+    np.save(tmp_path / "acts.npy", x.numpy())
+    save_file({"activations": x}, tmp_path / "acts.safetensors")
+    Dataset.from_dict({"activations": x.numpy()}).save_to_disk(tmp_path / "acts_ds")
+    for name in ("acts.npy", "acts.safetensors", "acts_ds"):
+        assert torch.equal(load_activations(tmp_path / name), x), name
+    with pytest.raises(ValueError, match="cannot read"):
+        (tmp_path / "acts.txt").write_text("1 2 3")
+        load_activations(tmp_path / "acts.txt")
+
+
+def test_cli_embedding_path(tmp_path):
+    x, _ = synthetic_activations(2048)
+    np.save(tmp_path / "acts.npy", x.numpy())
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [SAE_LENS, "train", "--architecture", "softsae", "--activations", str(tmp_path / "acts.npy"),
+         "--d_sae", "128", "--k", "4", "--training_tokens", str(128 * 100), "--train_batch_size_tokens", "128",
+         "--lr", "0.002", "--output_path", str(out), "--checkpoint_path", str(tmp_path / "ckpt")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FVE" in result.stdout
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "softsae" and cfg["d_in"] == D_IN and cfg["k"] == 4
+    summary = json.loads((out / SUMMARY_FILENAME).read_text())
+    assert summary["architecture"] == "softsae" and np.isfinite(summary["fve"])
+
+
+def test_yaml_config_unknown_key_names_it_and_the_nearest(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("architecture: softsae\nk: 8\nsparsity_betta: 3.0\n")
+    with pytest.raises(ValueError, match=r"unknown key 'sparsity_betta'.*'sparsity_beta'"):
+        load_yaml_config(path)
+
+
+def test_yaml_config_wrong_type_names_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("architecture: softsae\nk: eight\n")
+    with pytest.raises(ValueError, match=r"k='eight'"):
+        load_yaml_config(path)
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(config):
+    assert load_yaml_config(config)["architecture"]
+
+
+def test_cli_help_lists_softsae_and_its_options():
+    result = subprocess.run([SAE_LENS, "train", "--architecture", "softsae", "--help"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0
+    for flag in ("--config", "--activations", "softsae", "--k_max", "--tau_start", "--hard_topk_steps"):
+        assert flag in result.stdout, flag
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["softsae", "topk"])
+def test_sae_lens_train_on_smollm2(tmp_path, architecture):
+    """The real runner on the real SmolLM2-135M and real text, a few hundred steps, through the CLI."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [SAE_LENS, "train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--architecture", architecture,
+         "--hook_name", "blocks.2.hook_resid_post", "--d_sae", "1152", "--k", "16",
+         "--training_tokens", str(200 * 256), "--train_batch_size_tokens", "256", "--n_batches_in_buffer", "8",
+         "--store_batch_size_prompts", "8", "--n_batches_for_norm_estimate", "4", "--output_path", str(out)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    sae = SAE.load_from_disk(out)
+    assert sae.cfg.architecture() == architecture
+    assert sae.cfg.metadata.model_name == "smollm2-135m-instruct-q4_1"
+    assert sae.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+    summary = json.loads((out / SUMMARY_FILENAME).read_text())
+    assert summary["fve"] > 0.3
+    assert summary["mean_l0"] == pytest.approx(16, rel=0.25)
+    if architecture == "softsae":
+        assert isinstance(sae, SoftSAE)
+        assert sae.cfg.k_max == 32
+        assert (out / K_HAT_HISTOGRAM_FILENAME).exists()
