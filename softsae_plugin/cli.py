@@ -198,14 +198,34 @@ def _train_on_file(path: str, args: list[str]) -> None:
     )
 
 
+def _eval(argv: Sequence[str]) -> None:
+    from softsae_plugin.evaluate import main as eval_main
+
+    eval_main(argv)
+
+
+def _push(argv: Sequence[str]) -> None:
+    from softsae_plugin.push import main as push_main
+
+    push_main(argv)
+
+
+COMMANDS = {
+    "train": (_train, "train an SAE with SAE-Lens' runner (sae-lens train --help)"),
+    "eval": (_eval, "run SAEBench's evaluations on SAEs (sae-lens eval --help)"),
+    "push": (_push, "publish a checkpoint to the Hugging Face Hub (sae-lens push --help)"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `sae-lens` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: sae-lens {train} ...\n  train   train an SAE with SAE-Lens' runner (sae-lens train --help)")
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: sae-lens {{{','.join(COMMANDS)}}} ...")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:6s} {help_text}")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    commands[argv[0]](argv[1:])
+    COMMANDS[argv[0]][0](argv[1:])
 
 
 if __name__ == "__main__":
