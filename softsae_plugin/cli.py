@@ -8,6 +8,7 @@ sources for the model and text, and the summary every run writes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import sys
@@ -91,10 +92,10 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
 
 
 def config_to_args(config: dict[str, Any]) -> list[str]:
-    """Turn a validated config mapping into runner CLI arguments."""
+    """Turn a validated config mapping into runner CLI arguments (null values are set by `apply_nulls`)."""
     args: list[str] = []
     for key, value in config.items():
-        if key == "activations":
+        if key == "activations" or value is None:
             continue
         if isinstance(value, bool):
             args += [f"--{key}", str(value).lower()]
@@ -105,6 +106,21 @@ def config_to_args(config: dict[str, Any]) -> list[str]:
         else:
             args += [f"--{key}", str(value)]
     return args
+
+
+def apply_nulls(cfg: LanguageModelSAERunnerConfig[Any], config: dict[str, Any]) -> None:
+    """Set the config's null values, which the runner CLI cannot express (it has no spelling for None)."""
+    sae_fields = {f.name for f in fields(cfg.sae)}
+    for key, value in config.items():
+        if value is not None or key in ("architecture", "activations"):
+            continue
+        name = key.removeprefix("sae.")
+        if key.startswith("sae.") or (name in sae_fields and not hasattr(cfg, name)):
+            cfg.sae = dataclasses.replace(cfg.sae, **{name: None})
+        elif hasattr(cfg.logger, name):
+            setattr(cfg.logger, name, None)
+        else:
+            setattr(cfg, name, None)
 
 
 def _train(argv: Sequence[str]) -> None:
@@ -126,9 +142,10 @@ def _train(argv: Sequence[str]) -> None:
     activations = known.activations or config.get("activations")
     args = DEFAULT_ARGS + config_to_args(config) + list(rest)
     if activations is not None:
-        _train_on_file(activations, args)
+        _train_on_file(activations, args, config)
         return
     cfg = _parse_cfg_args(args)
+    apply_nulls(cfg, config)
     run_llm_training(cfg)
 
 
@@ -174,12 +191,13 @@ def run_llm_training(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
     return sae
 
 
-def _train_on_file(path: str, args: list[str]) -> None:
+def _train_on_file(path: str, args: list[str], config: dict[str, Any]) -> None:
     from softsae_plugin.activations import load_activations
 
     activations = load_activations(path)
     args = [*args, "--d_in", str(activations.shape[1])]
     cfg = _parse_cfg_args(args)
+    apply_nulls(cfg, config)
     sae_cfg = with_run_length(cfg.sae, cfg.total_training_steps)
     train_on_activations(
         activations,
@@ -194,6 +212,9 @@ def _train_on_file(path: str, args: list[str]) -> None:
         autocast=cfg.autocast,
         dead_feature_window=cfg.dead_feature_window,
         feature_sampling_window=cfg.feature_sampling_window,
+        n_batches_for_norm_estimate=cfg.n_batches_for_norm_estimate,
+        checkpoint_path=cfg.checkpoint_path,
+        n_checkpoints=cfg.n_checkpoints,
         output_path=cfg.output_path,
     )
 

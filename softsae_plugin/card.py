@@ -1,0 +1,301 @@
+"""The model card `sae-lens push` writes into a Hub repo: what SoftSAE is, how to load it, each SAE's numbers.
+
+Every number comes from a file of the SAE's checkpoint folder: SAE-Lens' cfg.json and runner_cfg.json, the
+training_summary.json that `sae-lens train` writes, and SAEBench's result files under eval/. The same
+reader serves a local checkpoint and an SAE folder downloaded back from the repo, so one card lists every
+SAE the repo holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCardData
+from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME
+
+from softsae_plugin.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
+
+logger = logging.getLogger(__name__)
+
+# `sae-lens eval` stores SAEBench's result files here, inside the checkpoint folder.
+EVAL_DIRNAME = "eval"
+# Lets a later push tell its own card (safe to rewrite) from a README.md somebody wrote by hand.
+CARD_MARKER = "<!-- This card is written by `sae-lens push` (softsae-plugin) and rewritten on every push. -->"
+# The library name SAE-Lens' own upload helper puts in the cards it writes.
+LIBRARY_NAME = "saelens"
+SOFTSAE_INTRO = (
+    "**SoftSAE** is a sparse autoencoder that chooses how many features each input uses. Next to the usual "
+    "encoder and decoder it has a small head that predicts k_hat, the number of active latents for this input "
+    "(between 1 and k_max). During training a differentiable soft top-k (LapSum) keeps about k_hat of the "
+    "ReLU codes and a budget holds the mean k_hat near the target k; at inference the SAE keeps exactly the "
+    "round(k_hat) largest codes of each input. Simple inputs get few features and complex ones more, at the "
+    'mean sparsity of a TopK SAE with the same k (paper: "SoftSAE: Dynamic Top-K Selection"). The '
+    "architecture is a plugin for [SAE-Lens](https://github.com/decoderesearch/SAELens): install "
+    "`softsae-plugin` and import it before loading."
+)
+BASELINE_INTRO = (
+    "These sparse autoencoders were trained with `softsae-plugin` as baselines; their architectures are built "
+    "into [SAE-Lens](https://github.com/decoderesearch/SAELens), so they load without the plugin."
+)
+SUMMARY_ROWS = (
+    ("architecture", "architecture"),
+    ("model", "model_name"),
+    ("hook", "hook_name"),
+    ("d_in", "d_in"),
+    ("d_sae", "d_sae"),
+    ("k (target mean number of active features)", "k"),
+    ("k_max", "k_max"),
+    ("training tokens", "training_tokens"),
+    ("FVE (fraction of variance explained)", "fve"),
+    ("mean L0", "mean_l0"),
+    ("dead latents", "dead_fraction"),
+)
+
+
+@dataclass(frozen=True)
+class SAEResult:
+    """One SAEBench result file: its eval type and the headline numbers shown in the card."""
+
+    eval_type_id: str
+    headlines: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class SAEEntry:
+    """What the card says about one SAE folder of the repo.
+
+    `facts` holds cfg.json's shape and hook, overlaid with training_summary.json (FVE, L0, k_hat) when the
+    checkpoint has one; `results` the SAEBench results found under eval/.
+    """
+
+    sae_id: str
+    facts: dict[str, Any]
+    results: tuple[SAEResult, ...] = ()
+    has_histogram: bool = False
+
+
+def is_card_source(relative_path: str) -> bool:
+    """Whether a file of an SAE folder (path relative to it, '/'-separated) feeds the model card.
+
+    These are SAE-Lens' configs, the training summary and k_hat histogram, and SAEBench's JSON results
+    under eval/: the small files a push downloads to describe SAEs that are already in the repo.
+    """
+    if relative_path in (SAE_CFG_FILENAME, RUNNER_CFG_FILENAME, SUMMARY_FILENAME, K_HAT_HISTOGRAM_FILENAME):
+        return True
+    return relative_path.startswith(f"{EVAL_DIRNAME}/") and relative_path.endswith(".json")
+
+
+def read_entry(sae_id: str, folder: str | Path) -> SAEEntry:
+    """Describe the SAE in `folder` (a checkpoint, or a folder downloaded from the repo) for the card.
+
+    Shape, model and hook come from SAE-Lens' cfg.json and the token count from runner_cfg.json; the
+    training summary, when present, adds FVE, mean L0, dead latents and the k_hat statistics. SAEBench
+    files under eval/ that lack SAEBench's top-level keys are skipped with a warning.
+    """
+    folder = Path(folder)
+    cfg = json.loads((folder / SAE_CFG_FILENAME).read_text())
+    metadata = cfg.get("metadata") or {}
+    facts: dict[str, Any] = {
+        "architecture": cfg.get("architecture"),
+        "model_name": metadata.get("model_name"),
+        "hook_name": metadata.get("hook_name"),
+        "d_in": cfg.get("d_in"),
+        "d_sae": cfg.get("d_sae"),
+        "k": cfg.get("k"),
+        "k_max": cfg.get("k_max"),
+    }
+    runner_cfg = folder / RUNNER_CFG_FILENAME
+    if runner_cfg.exists():
+        facts["training_tokens"] = json.loads(runner_cfg.read_text()).get("training_tokens")
+    summary = folder / SUMMARY_FILENAME
+    if summary.exists():
+        facts.update(json.loads(summary.read_text()))
+    results = []
+    for path in sorted((folder / EVAL_DIRNAME).rglob("*.json")):
+        result = _read_saebench_result(path)
+        if result is not None:
+            results.append(result)
+    return SAEEntry(sae_id, facts, tuple(results), (folder / K_HAT_HISTOGRAM_FILENAME).exists())
+
+
+def _read_saebench_result(path: Path) -> SAEResult | None:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        logger.warning("%s is not JSON (%s); the model card leaves it out", path, err)
+        return None
+    if not (isinstance(data, dict) and "eval_type_id" in data and isinstance(data.get("eval_result_metrics"), dict)):
+        logger.warning(
+            "%s lacks SAEBench's 'eval_type_id' and 'eval_result_metrics'; the model card leaves it out", path
+        )
+        return None
+    return SAEResult(data["eval_type_id"], tuple(saebench_headlines(data)))
+
+
+def saebench_headlines(result: dict[str, Any]) -> list[tuple[str, float]]:
+    """The headline numbers of one SAEBench result, as (metric title, value) pairs.
+
+    The headlines are the metrics SAEBench's own output schema for this eval type marks for display by
+    default (`ui_default_display`), titled as the schema titles them; when the installed SAEBench has no
+    schema for the eval type, or it marks nothing, every number is shown under its category.metric name.
+    """
+    displayed = _displayed_metrics(result["eval_type_id"])
+    rows = []
+    for category, metrics in result["eval_result_metrics"].items():
+        if not isinstance(metrics, dict):
+            continue
+        for name, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not displayed:
+                rows.append((f"{category}.{name}", float(value)))
+            elif (category, name) in displayed:
+                rows.append((displayed[(category, name)], float(value)))
+    return rows
+
+
+@functools.cache
+def _displayed_metrics(eval_type_id: str) -> dict[tuple[str, str], str]:
+    # SAEBench ships one JSON schema per eval type beside its code (evals/<eval>/eval_output_schema_<id>.json).
+    schemas = sorted(Path(str(files("sae_bench"))).glob(f"evals/*/eval_output_schema_{eval_type_id}.json"))
+    if not schemas:
+        return {}
+    schema = json.loads(schemas[0].read_text())
+    definitions = schema.get("$defs", {})
+    categories = _definition(schema["properties"]["eval_result_metrics"], definitions)
+    displayed = {}
+    for category, category_schema in (categories or {}).get("properties", {}).items():
+        metrics = _definition(category_schema, definitions) or {}
+        for name, metric in metrics.get("properties", {}).items():
+            if metric.get("ui_default_display"):
+                displayed[(category, name)] = metric.get("title", name)
+    return displayed
+
+
+def _definition(prop: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any] | None:
+    # A pydantic schema names a nested class by "$ref", directly or inside anyOf/allOf when it is optional.
+    for option in (prop, *prop.get("anyOf", ()), *prop.get("allOf", ())):
+        if "$ref" in option:
+            return definitions.get(option["$ref"].rsplit("/", 1)[-1])
+    return None
+
+
+def model_card(repo_id: str, entries: Sequence[SAEEntry], revision: str = "main") -> str:
+    """The README.md of a Hub repo holding `entries`, one folder per SAE.
+
+    Hub metadata first (library name, tags for search: sparse-autoencoder, softsae when a SoftSAE is in the
+    repo, sae-lens, and each model name), then what SoftSAE is, how to install and load the SAEs, and per
+    SAE a table of its shape, hook, training tokens, FVE and mean L0, the k_hat statistics and histogram
+    (SoftSAEs only), and SAEBench's headline numbers when the checkpoint held results.
+    """
+    if not entries:
+        raise ValueError("model_card: no SAEs to describe")
+    has_softsae = any(entry.facts.get("architecture") == "softsae" for entry in entries)
+    models = sorted({str(entry.facts["model_name"]) for entry in entries if entry.facts.get("model_name")})
+    tags = ["sparse-autoencoder", *(["softsae"] if has_softsae else []), "sae-lens", *models]
+    metadata = ModelCardData(library_name=LIBRARY_NAME, tags=tags).to_yaml()
+    example = next((e for e in entries if e.facts.get("architecture") == "softsae"), entries[0]).sae_id
+    title = "SoftSAE sparse autoencoders" if has_softsae else "Sparse autoencoders"
+    code = ["import softsae_plugin  # registers the softsae architecture with SAE-Lens"] if has_softsae else []
+    code += [
+        "from sae_lens import SAE",
+        "",
+        f"sae = SAE.from_pretrained({json.dumps(repo_id)}, {json.dumps(example)})",
+        "codes = sae.encode(activations)  # (..., d_sae)",
+    ]
+    if has_softsae:
+        code.append("k_hat = sae.predict_k(activations)  # the predicted number of active features per input")
+    lines = [
+        "---",
+        metadata,
+        "---",
+        CARD_MARKER,
+        "",
+        f"# {title}{' for ' + ', '.join(models) if models else ''}",
+        "",
+        SOFTSAE_INTRO if has_softsae else BASELINE_INTRO,
+        "",
+        "## Load",
+        "",
+        "```bash",
+        "pip install softsae-plugin",
+        "```",
+        "",
+        "```python",
+        *code,
+        "```",
+        "",
+    ]
+    if has_softsae:
+        lines += [
+            "Import `softsae_plugin` first: without it SAE-Lens does not know the `softsae` architecture and "
+            "fails with `KeyError: 'softsae'`.",
+            "",
+        ]
+    if revision != "main":
+        lines += [
+            f"These files are on the branch `{revision}`; `SAE.from_pretrained` reads `main` only, so download "
+            "the folder and load it from disk:",
+            "",
+            "```python",
+            "from huggingface_hub import snapshot_download",
+            "",
+            f"folder = snapshot_download({json.dumps(repo_id)}, revision={json.dumps(revision)}, "
+            f'allow_patterns="{example}/*")',
+            f'sae = SAE.load_from_disk(f"{{folder}}/{example}")',
+            "```",
+            "",
+        ]
+    lines += [f"## SAEs in this repository ({len(entries)})", ""]
+    for entry in entries:
+        lines += _entry_section(entry)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _entry_section(entry: SAEEntry) -> list[str]:
+    facts = entry.facts
+    lines = [f"### `{entry.sae_id}`", "", "| | |", "|---|---|"]
+    lines += [f"| {label} | {_format(key, facts.get(key))} |" for label, key in SUMMARY_ROWS]
+    if "n_eval_inputs" in facts:
+        lines += ["", f"FVE, mean L0 and k_hat are measured on {facts['n_eval_inputs']:,} inputs after training."]
+    k_hat = facts.get("k_hat")
+    if isinstance(k_hat, dict):
+        lines += [
+            "",
+            f"**Predicted k_hat per input**: mean {k_hat['mean']:.2f} (std {k_hat['std']:.2f}), quartiles "
+            f"{k_hat['q1']:.2f} / {k_hat['median']:.2f} / {k_hat['q3']:.2f} (IQR / k = {k_hat['iqr_over_k']:.2f}); "
+            f"{100 * k_hat['share_near_k_max']:.1f}% of inputs within 1 of k_max, "
+            f"{100 * k_hat['share_near_1']:.1f}% at k_hat <= 2.",
+        ]
+    if entry.has_histogram:
+        lines += ["", f"![k_hat histogram of {entry.sae_id}]({entry.sae_id}/{K_HAT_HISTOGRAM_FILENAME})"]
+    if entry.results:
+        lines += ["", "**SAEBench**", "", "| eval | metric | value |", "|---|---|---|"]
+        for result in entry.results:
+            lines += [f"| {result.eval_type_id} | {title} | {value:.4g} |" for title, value in result.headlines]
+    return [*lines, ""]
+
+
+def _format(key: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if key == "hook_name":
+        return f"`{value}`"
+    if key == "fve":
+        return f"{value:.4f}"
+    if key == "mean_l0":
+        return f"{value:.2f}"
+    if key == "dead_fraction":
+        return f"{100 * value:.2f}%"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|")
