@@ -50,7 +50,7 @@ SUMMARY_ROWS = (
     ("hook", "hook_name"),
     ("d_in", "d_in"),
     ("d_sae", "d_sae"),
-    ("k (target mean number of active features)", "k"),
+    ("k", "k"),
     ("k_max", "k_max"),
     ("training tokens", "training_tokens"),
     ("FVE (fraction of variance explained)", "fve"),
@@ -96,8 +96,8 @@ def read_entry(sae_id: str, folder: str | Path) -> SAEEntry:
     """Describe the SAE in `folder` (a checkpoint, or a folder downloaded from the repo) for the card.
 
     Shape, model and hook come from SAE-Lens' cfg.json and the token count from runner_cfg.json; the
-    training summary, when present, adds FVE, mean L0, dead latents and the k_hat statistics. SAEBench
-    files under eval/ that lack SAEBench's top-level keys are skipped with a warning.
+    training summary, when present, adds FVE, mean L0, dead latents and the k_hat statistics. JSON files
+    under eval/ without SAEBench's top-level keys (eval_type_id, eval_result_metrics) are passed over.
     """
     folder = Path(folder)
     cfg = json.loads((folder / SAE_CFG_FILENAME).read_text())
@@ -131,10 +131,9 @@ def _read_saebench_result(path: Path) -> SAEResult | None:
     except json.JSONDecodeError as err:
         logger.warning("%s is not JSON (%s); the model card leaves it out", path, err)
         return None
+    # eval/ also holds files that are not SAEBench results (`sae-lens eval` writes its summary row there):
+    # they are uploaded but have no headline numbers, so the card passes over them without a warning.
     if not (isinstance(data, dict) and "eval_type_id" in data and isinstance(data.get("eval_result_metrics"), dict)):
-        logger.warning(
-            "%s lacks SAEBench's 'eval_type_id' and 'eval_result_metrics'; the model card leaves it out", path
-        )
         return None
     return SAEResult(data["eval_type_id"], tuple(saebench_headlines(data)))
 
@@ -263,9 +262,10 @@ def _entry_section(entry: SAEEntry) -> list[str]:
     facts = entry.facts
     lines = [f"### `{entry.sae_id}`", "", "| | |", "|---|---|"]
     lines += [f"| {label} | {_format(key, facts.get(key))} |" for label, key in SUMMARY_ROWS]
-    if "n_eval_inputs" in facts:
-        lines += ["", f"FVE, mean L0 and k_hat are measured on {facts['n_eval_inputs']:,} inputs after training."]
     k_hat = facts.get("k_hat")
+    if "n_eval_inputs" in facts:
+        measured = "FVE, mean L0 and k_hat are" if isinstance(k_hat, dict) else "FVE and mean L0 are"
+        lines += ["", f"{measured} measured on {facts['n_eval_inputs']:,} inputs after training."]
     if isinstance(k_hat, dict):
         lines += [
             "",

@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sae-lens push",
         description=(
-            "Publish SAE checkpoint folders (as `sae-lens train` writes them) to a Hugging Face Hub model repo, "
-            "one folder per SAE, with a model card. SAE-Lens loads them back with "
+            "Publish SAE checkpoint folders (as `sae-lens train` writes them) to a Hugging Face Hub model repo,\n"
+            "one folder per SAE, with a model card. SAE-Lens loads them back with\n"
             "SAE.from_pretrained(REPO_ID, SAE_ID)."
         ),
         epilog=EPILOG,
@@ -129,10 +129,17 @@ def main(argv: Sequence[str]) -> None:
             f"sae-lens push: could not reach the Hugging Face Hub at {constants.ENDPOINT}: {err}"
         ) from None
     first = next(iter(checkpoints))
+    if args.revision == constants.DEFAULT_REVISION:
+        load = f"sae = SAE.from_pretrained({args.repo_id!r}, {first!r})"
+    else:
+        # SAE-Lens' loader downloads from the default branch only.
+        load = (
+            f"folder = huggingface_hub.snapshot_download({args.repo_id!r}, revision={args.revision!r}, "
+            f"allow_patterns='{first}/*')\n  sae = SAE.load_from_disk(f'{{folder}}/{first}')"
+        )
     print(
         f"pushed {', '.join(checkpoints)} to {url} (branch {args.revision})\n"
-        f"load with:\n  import softsae_plugin\n  from sae_lens import SAE\n"
-        f"  sae = SAE.from_pretrained({args.repo_id!r}, {first!r})"
+        f"load with:\n  import softsae_plugin\n  from sae_lens import SAE\n  {load}"
     )
 
 
@@ -151,8 +158,7 @@ def checkpoint_ids(checkpoints: Sequence[Path], sae_id: str | None = None) -> di
         if missing:
             raise ValueError(f"{folder}: no {' or '.join(missing)}; expected a checkpoint folder of `sae-lens train`")
         name = sae_id if sae_id is not None else folder.resolve().name
-        parts = name.split("/")
-        if any(part in ("", ".", "..") for part in parts) or parts[0] == EVAL_DIRNAME:
+        if any(part in ("", ".", "..") for part in name.split("/")):
             raise ValueError(f"SAE id {name!r} is not a folder name for the repo; choose one with --sae-id")
         if name in ids:
             raise ValueError(f"{ids[name]} and {folder} would both be uploaded as {name!r}; push them separately")

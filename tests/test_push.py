@@ -63,11 +63,14 @@ class FakeHub:
         self.commits: list[tuple[str, str, str, list[str]]] = []
         self.requests: list[str] = []
         self.heads: dict[tuple[str, str], str] = {}
+        self.snapshots: dict[str, dict[str, bytes]] = {}  # commit sha -> files, so a sha works as a revision
 
     def files(self, repo_id: str, branch: str = "main") -> dict[str, bytes]:
+        """The files of a branch of a repo, path -> content (live: edits change the repo)."""
         return self.repos[repo_id][branch]
 
     def handle(self, request: httpx2.Request) -> httpx2.Response:
+        """Answer one request of huggingface_hub's HTTP client, as the Hub's API would."""
         path = request.url.path
         self.requests.append(f"{request.method} {path}")
         auth = request.headers.get("authorization")
@@ -97,7 +100,7 @@ class FakeHub:
             repo = params["repo"]
             if repo is not None and (repo not in self.repos or (self.private[repo] and auth is None)):
                 return self._error(404, "RepoNotFound", "Repository not found")
-            if repo is not None and needs_rev and params["rev"] not in self.repos[repo]:
+            if repo is not None and needs_rev and self._files_at(repo, params["rev"]) is None:
                 return self._error(404, "RevisionNotFound", "Invalid rev id")
             return route(request, **params)
         return self._error(404, None, f"no fake endpoint for {request.method} {path}")
@@ -107,10 +110,17 @@ class FakeHub:
         headers = {"X-Error-Message": message, **({"X-Error-Code": code} if code else {})}
         return httpx2.Response(status, headers=headers, json={"error": message})
 
+    def _files_at(self, repo: str, rev: str) -> dict[str, bytes] | None:
+        return self.repos[repo].get(rev, self.snapshots.get(rev))
+
+    def _head(self, repo: str, rev: str) -> str:
+        return self.heads.get((repo, rev), rev)
+
     def _new_commit(self, repo: str, rev: str, message: str, paths: list[str]) -> str:
         self.commits.append((repo, rev, message, paths))
         sha = hashlib.sha1(f"{len(self.commits)}".encode()).hexdigest()
         self.heads[(repo, rev)] = sha
+        self.snapshots[sha] = dict(self.repos[repo][rev])
         return sha
 
     def _create_repo(self, request: httpx2.Request, **_: str | None) -> httpx2.Response:
@@ -129,9 +139,9 @@ class FakeHub:
         return httpx2.Response(200, json={"url": f"{HUB}/{repo}", "name": repo})
 
     def _repo_info(self, request: httpx2.Request, repo: str, rev: str, **_: str | None) -> httpx2.Response:
-        files = self.repos[repo][rev]
+        files = self._files_at(repo, rev)
         siblings = [{"rfilename": name} for name in sorted(files)]
-        sha = self.heads[(repo, rev)]
+        sha = self._head(repo, rev)
         return httpx2.Response(200, json={"id": repo, "sha": sha, "private": self.private[repo], "siblings": siblings})
 
     def _create_branch(self, request: httpx2.Request, repo: str, rev: str, **_: str | None) -> httpx2.Response:
@@ -171,7 +181,7 @@ class FakeHub:
         return httpx2.Response(200, json={"commitUrl": f"{HUB}/{repo}/commit/{sha}", "commitOid": sha})
 
     def _tree(self, request: httpx2.Request, repo: str, rev: str, **_: str | None) -> httpx2.Response:
-        files = self.repos[repo][rev]
+        files = self._files_at(repo, rev)
         entries = [
             {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
             for name, data in sorted(files.items())
@@ -179,11 +189,11 @@ class FakeHub:
         return httpx2.Response(200, json=entries)
 
     def _resolve(self, request: httpx2.Request, repo: str, rev: str, file: str) -> httpx2.Response:
-        data = self.repos[repo][rev].get(file)
+        data = self._files_at(repo, rev).get(file)
         if data is None:
             return self._error(404, "EntryNotFound", "Entry not found")
         headers = {
-            "X-Repo-Commit": self.heads[(repo, rev)],
+            "X-Repo-Commit": self._head(repo, rev),
             "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
             "Content-Length": str(len(data)),
         }
@@ -194,6 +204,7 @@ class FakeHub:
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A fresh FakeHub behind huggingface_hub's client, with a write token in HF_TOKEN and a private cache."""
     fake = FakeHub(TOKEN)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     # `make test` runs offline; this test talks only to its own in-memory Hub.
@@ -201,6 +212,7 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake.handle), follow_redirects=True))
     yield fake
+    # huggingface_hub keeps its default factory private; restoring it keeps later tests on the real client.
     set_client_factory(hf_http.default_client_factory)
 
 
@@ -218,7 +230,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     soft_cfg = SoftTrainingSAEConfig(d_in=16, d_sae=64, k=4, metadata=SAEMetadata(**METADATA))
     train_on_activations(x, soft_cfg, output_path=root / "softsae_k4", **kwargs)
     (root / "softsae_k4" / "eval").mkdir()
-    (root / "softsae_k4" / "eval" / "core.json").write_text(json.dumps(CORE_RESULT))
+    (root / "softsae_k4" / "eval" / "core_eval_results.json").write_text(json.dumps(CORE_RESULT))
+    # `sae-lens eval` also leaves its own summary row there: uploaded, but not a SAEBench result.
+    (root / "softsae_k4" / "eval" / "summary.json").write_text(json.dumps({"model_name": "tiny-test-model", "L0": 4.1}))
     topk_cfg = TopKTrainingSAEConfig(d_in=16, d_sae=64, k=4, metadata=SAEMetadata(**METADATA))
     train_on_activations(x, topk_cfg, output_path=root / "topk_run", **kwargs)
     return {"softsae": root / "softsae_k4", "topk": root / "topk_run"}
@@ -236,7 +250,12 @@ def test_push_then_from_pretrained_round_trip(hub: FakeHub, checkpoints: dict[st
 
     assert hub.private["user/name"]
     sae_lens_files = {"softsae_k4/cfg.json", "softsae_k4/sae_weights.safetensors", "softsae_k4/sparsity.safetensors"}
-    extras = {"softsae_k4/training_summary.json", "softsae_k4/k_hat_histogram.png", "softsae_k4/eval/core.json"}
+    extras = {
+        "softsae_k4/training_summary.json",
+        "softsae_k4/k_hat_histogram.png",
+        "softsae_k4/eval/core_eval_results.json",
+        "softsae_k4/eval/summary.json",
+    }
     files = hub.files("user/name")
     assert set(files) == sae_lens_files | extras | {".gitattributes", "README.md"}
     for path in sae_lens_files | extras:
@@ -252,12 +271,11 @@ def test_push_then_from_pretrained_round_trip(hub: FakeHub, checkpoints: dict[st
     summary = json.loads((soft / "training_summary.json").read_text())
     assert CARD_MARKER in body
     assert "pip install softsae-plugin" in body
-    assert "import softsae_plugin\n" not in body  # the import line carries a comment saying why
     assert "import softsae_plugin  # registers the softsae architecture" in body
     assert 'SAE.from_pretrained("user/name", "softsae_k4")' in body
     assert "| hook | `blocks.0.hook_resid_post` |" in body
     assert "| d_in | 16 |" in body and "| d_sae | 64 |" in body
-    assert "| k (target mean number of active features) | 4 |" in body
+    assert "| k | 4 |" in body
     assert f"| k_max | {summary['k_max']} |" in body
     assert f"| FVE (fraction of variance explained) | {summary['fve']:.4f} |" in body
     assert f"| mean L0 | {summary['mean_l0']:.2f} |" in body
@@ -291,7 +309,7 @@ def test_second_push_lists_both_saes_and_replaces_stale_extras(
     push_main([str(soft_again), "--repo-id", "user/name"])
 
     files = hub.files("user/name")
-    assert "softsae_k4/eval/core.json" not in files
+    assert not any(path.startswith("softsae_k4/eval/") for path in files)
     assert {path for path in files if path.startswith("baselines/")} == {
         "baselines/topk_k4/cfg.json",
         "baselines/topk_k4/sae_weights.safetensors",
@@ -311,6 +329,17 @@ def test_second_push_lists_both_saes_and_replaces_stale_extras(
     assert torch.equal(loaded.encode(x), SAE.load_from_disk(checkpoints["topk"]).encode(x))
 
 
+def test_push_to_a_branch_loads_as_the_card_says(hub: FakeHub, checkpoints: dict[str, Path]) -> None:
+    push_main([str(checkpoints["softsae"]), "--repo-id", "user/name", "--revision", "v2"])
+    assert set(hub.files("user/name")) == {".gitattributes"}  # main is untouched
+    card = hub.files("user/name", "v2")["README.md"].decode()
+    snippet = re.search(r"```python\n(from huggingface_hub import snapshot_download.*?)```", card, re.DOTALL)
+    namespace: dict = {"SAE": SAE}
+    exec(snippet.group(1), namespace)
+    x = _activations()[:64]
+    assert torch.equal(namespace["sae"].encode(x), SAE.load_from_disk(checkpoints["softsae"]).encode(x))
+
+
 def test_handwritten_readme_is_kept(hub: FakeHub, checkpoints: dict[str, Path], capsys) -> None:
     push_main([str(checkpoints["topk"]), "--repo-id", "user/name", "--sae-id", "topk_k4"])
     hub.files("user/name")["README.md"] = b"# My own notes\n"
@@ -326,6 +355,7 @@ def test_missing_token_says_how_to_log_in(
 ) -> None:
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
     monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     with pytest.raises(SystemExit) as exit_info:
         push_main([str(checkpoints["softsae"]), "--repo-id", "user/name"])
