@@ -39,7 +39,9 @@ def images_from_dataset(name: str, split: str, column: str) -> Iterator[Image.Im
 
 
 @torch.no_grad()
-def embed(images: Iterator[Image.Image], model_name: str, batch_size: int, device: str, total: int | None) -> np.ndarray:
+def embed(
+    images: Iterator[Image.Image], model_name: str, batch_size: int, device: str, total: int | None
+) -> np.ndarray:
     """CLIP image embeddings of `images` as a float32 (n, d) array."""
     from transformers import CLIPImageProcessor, CLIPModel
 

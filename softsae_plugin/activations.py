@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -50,33 +51,38 @@ def _pick(tensors: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
     raise ValueError(f"activations: {path} holds {sorted(tensors)}; expected one tensor or one named 'activations'")
 
 
-def batches(source: ActivationSource, batch_size: int, *, seed: int = 0) -> Iterator[torch.Tensor]:
-    """An endless stream of (batch_size, d_in) batches from `source`.
+def batches(source: ActivationSource, batch_size: int, *, seed: int = 0, start: int = 0) -> Iterator[torch.Tensor]:
+    """An endless stream of (batch_size, d_in) batches from `source`, from its `start`-th batch on.
 
     A matrix (tensor, array or file) is reshuffled every epoch with a generator seeded by `seed`, so a run
-    is deterministic; an iterable of batches is re-chunked to exactly `batch_size` rows and must not run
-    out before training ends.
+    is deterministic and a resumed run continues the same stream from `start` (skipping whole epochs without
+    reading them); an iterable of batches is re-chunked to exactly `batch_size` rows and must not run out
+    before training ends.
     """
     if isinstance(source, (str, Path)):
         source = load_activations(source)
     if isinstance(source, np.ndarray):
         source = torch.from_numpy(source)
     if isinstance(source, torch.Tensor):
-        return _shuffled_epochs(source, batch_size, seed)
-    return _rechunked(iter(source), batch_size)
+        return _shuffled_epochs(source, batch_size, seed, start)
+    return islice(_rechunked(iter(source), batch_size), start, None)
 
 
-def _shuffled_epochs(matrix: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+def _shuffled_epochs(matrix: torch.Tensor, batch_size: int, seed: int, start: int) -> Iterator[torch.Tensor]:
     if matrix.ndim != 2 or matrix.shape[0] < batch_size:
         raise ValueError(
             f"activations: expected a (n, d_in) matrix with n >= batch_size={batch_size}, "
             f"got shape {tuple(matrix.shape)}"
         )
     generator = torch.Generator().manual_seed(seed)
+    skipped_epochs, offset = divmod(start, matrix.shape[0] // batch_size)
+    for _ in range(skipped_epochs):  # each epoch's shuffle advances the generator
+        torch.randperm(matrix.shape[0], generator=generator)
     while True:
         order = torch.randperm(matrix.shape[0], generator=generator)
-        for start in range(0, matrix.shape[0] - batch_size + 1, batch_size):
-            yield matrix[order[start : start + batch_size]]
+        for row in range(offset * batch_size, matrix.shape[0] - batch_size + 1, batch_size):
+            yield matrix[order[row : row + batch_size]]
+        offset = 0
 
 
 def _rechunked(stream: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:

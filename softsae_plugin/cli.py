@@ -11,28 +11,43 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 import sys
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import fields
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
+import torch
 import yaml
 from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner, _parse_cfg_args
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.sae_trainer import SAETrainer
 from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+from typing_extensions import override
 
 import softsae_plugin  # noqa: F401  (registers softsae before the runner reads the registry)
+from softsae_plugin.reliability import (
+    FiniteBatches,
+    atomic_folder,
+    check_checkpoint,
+    check_finite,
+    check_replaceable,
+    continue_from_checkpoint,
+    guard_trainer,
+)
 from softsae_plugin.summary import print_summary, summarise, write_summary
 from softsae_plugin.train import train_on_activations, with_run_length
 
-# Options this command adds in front of SAE-Lens' own.
-OWN_OPTIONS = ("config", "activations")
+# YAML keys this command reads itself rather than passing to SAE-Lens' runner.
+OWN_KEYS: dict[str, type] = {"activations": str, "skip_nonfinite_rows": bool}
 # SAE-Lens logs to W&B unless told otherwise; an offline command should not try.
 DEFAULT_ARGS = ["--log_to_wandb", "false"]
 SUMMARY_BATCHES = 8
@@ -41,26 +56,46 @@ SUMMARY_BATCHES = 8
 def _config_fields(architecture: str) -> dict[str, Any]:
     """Every key a YAML config may hold for `architecture`, with its type: the runner CLI's flags."""
     sae_cfg_cls = SAE_TRAINING_CLASS_REGISTRY[architecture][1]
-    types: dict[str, Any] = {"architecture": str, "activations": str}
+    field_types: dict[str, Any] = {"architecture": str, **OWN_KEYS}
     for cls in (LanguageModelSAERunnerConfig, LoggingConfig):
         hints = typing.get_type_hints(cls)
-        types.update({f.name: hints[f.name] for f in fields(cls) if f.name not in ("sae", "logger")})
+        field_types.update({f.name: hints[f.name] for f in fields(cls) if f.name not in ("sae", "logger")})
     hints = typing.get_type_hints(sae_cfg_cls)
     for f in fields(sae_cfg_cls):
         if f.name == "metadata":
             continue
         # The runner CLI names SAE fields that clash with runner fields "sae.<name>".
-        types[f"sae.{f.name}" if f.name in types else f.name] = hints[f.name]
-    return types
+        field_types[f"sae.{f.name}" if f.name in field_types else f.name] = hints[f.name]
+    return field_types
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, which reads 1e-4 (no dot) as a string; read it as the number users mean."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+.0123456789")
+)
+
+
+def _strict_if_scalar(tp: Any) -> Any:
+    # Scalars must have their own type (no "8" for k, 1.5 or true for a step count: the runner CLI would
+    # choke on them later); composite fields stay lax, since YAML has lists where SAE-Lens has tuples.
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if all(option in (int, float, bool, str, type(None)) for option in options):
+        strict = [Annotated[option, pydantic.Strict()] for option in options if option is not type(None)]
+        return typing.Union[(*strict, None)]
+    return tp | None
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """Read and validate a YAML training config; keys are the runner CLI's option names.
 
     Unknown keys are an error that names the key and the nearest valid one; values are type-checked
-    with pydantic against SAE-Lens' and softsae's config dataclasses.
+    with pydantic against SAE-Lens' and softsae's config dataclasses (scalars strictly, numbers finite).
+    Limits that depend on the run's length (hard_topk_steps) are checked when the run starts.
     """
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = yaml.load(Path(path).read_text(), Loader=_YamlLoader) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
     architecture = data.get("architecture", "standard")
@@ -77,8 +112,8 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"{path}: unknown key {key!r} for architecture {architecture!r}{hint}")
     model = pydantic.create_model(  # type: ignore[call-overload]
         "TrainConfig",
-        __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=False),
-        **{name.replace(".", "__"): (tp | None, None) for name, tp in valid.items()},
+        __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=False, allow_inf_nan=False),
+        **{name.replace(".", "__"): (_strict_if_scalar(tp), None) for name, tp in valid.items()},
     )
     try:
         model.model_validate({k.replace(".", "__"): v for k, v in data.items()})
@@ -95,7 +130,7 @@ def config_to_args(config: dict[str, Any]) -> list[str]:
     """Turn a validated config mapping into runner CLI arguments (null values are set by `apply_nulls`)."""
     args: list[str] = []
     for key, value in config.items():
-        if key == "activations" or value is None:
+        if key in OWN_KEYS or value is None:
             continue
         if isinstance(value, bool):
             args += [f"--{key}", str(value).lower()]
@@ -112,7 +147,7 @@ def apply_nulls(cfg: LanguageModelSAERunnerConfig[Any], config: dict[str, Any]) 
     """Set the config's null values, which the runner CLI cannot express (it has no spelling for None)."""
     sae_fields = {f.name for f in fields(cfg.sae)}
     for key, value in config.items():
-        if value is not None or key in ("architecture", "activations"):
+        if value is not None or key == "architecture" or key in OWN_KEYS:
             continue
         name = key.removeprefix("sae.")
         if key.startswith("sae.") or (name in sae_fields and not hasattr(cfg, name)):
@@ -127,38 +162,94 @@ def _train(argv: Sequence[str]) -> None:
     own = argparse.ArgumentParser(prog="sae-lens train", add_help=False)
     own.add_argument("--config", help="a YAML file of runner options (see configs/)")
     own.add_argument("--activations", help="train on a file of activation vectors instead of a language model")
+    own.add_argument("--resume", help="continue the run that wrote this checkpoint folder")
+    own.add_argument("--skip_nonfinite_rows", action="store_true")
     known, rest = own.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         print(
-            "sae-lens train [--config FILE.yaml] [--activations FILE] [SAE-Lens runner options]\n"
-            "  --config FILE.yaml   options from a YAML file (keys are the option names below); the command\n"
-            "                       line overrides them\n"
-            "  --activations FILE   the embedding path: train on (n, d_in) vectors from .npy, .safetensors or\n"
-            "                       a saved HF dataset; --training_tokens counts vectors, d_in comes from the file\n"
+            "sae-lens train [--config FILE.yaml] [--activations FILE] [--resume CHECKPOINT_DIR]\n"
+            "               [--skip_nonfinite_rows] [SAE-Lens runner options]\n"
+            "  --config FILE.yaml     options from a YAML file (keys are the option names below); the command\n"
+            "                         line overrides them\n"
+            "  --activations FILE     the embedding path: train on (n, d_in) vectors from .npy, .safetensors or\n"
+            "                         a saved HF dataset; --training_tokens counts vectors, d_in comes from the file\n"
+            "  --resume CHECKPOINT_DIR  continue the run that wrote this checkpoint (give the same options);\n"
+            "                         SAE-Lens' --resume_from_checkpoint, checked first and made exact\n"
+            "  --skip_nonfinite_rows  drop activation rows holding NaN or inf and count them, instead of\n"
+            "                         stopping with an error\n"
             "Model names that are local ids (e.g. smollm2-135m-instruct-q4_1) and the dataset\n"
             "'local:english-wikipedia' are built offline from installed packages.\n"
         )
     config = load_yaml_config(known.config) if known.config else {}
+    # The command line overrides the file, nulls included: apply_nulls would otherwise undo it after parsing.
+    given = {arg.split("=")[0].removeprefix("--") for arg in rest if arg.startswith("--")}
+    config = {key: value for key, value in config.items() if key not in given}
     activations = known.activations or config.get("activations")
+    skip_nonfinite_rows = bool(known.skip_nonfinite_rows or config.get("skip_nonfinite_rows"))
     args = DEFAULT_ARGS + config_to_args(config) + list(rest)
+    if known.resume is not None:
+        args += ["--resume_from_checkpoint", known.resume]
     if activations is not None:
-        _train_on_file(activations, args, config)
+        _train_on_file(activations, args, config, skip_nonfinite_rows)
         return
     cfg = _parse_cfg_args(args)
     apply_nulls(cfg, config)
-    run_llm_training(cfg)
+    run_llm_training(cfg, skip_nonfinite_rows=skip_nonfinite_rows)
 
 
-def run_llm_training(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
+class _GuardedRunner(LanguageModelSAETrainingRunner):
+    """SAE-Lens' runner with the guards of `guard_trainer` on its trainer and a final folder that appears whole.
+
+    A subclass because the runner builds its `SAETrainer` inside `run()`: the one seam that sees the trainer
+    before training is `run_trainer_with_interruption_handling`, and the final save is `save_final_sae`.
+    Both call SAE-Lens' own methods.
+    """
+
+    def __init__(
+        self,
+        cfg: LanguageModelSAERunnerConfig[Any],
+        *,
+        skip_nonfinite_rows: bool,
+        guard_state: dict[str, int],
+        **kwargs: Any,
+    ):
+        super().__init__(cfg, **kwargs)
+        self.skip_nonfinite_rows, self.guard_state = skip_nonfinite_rows, guard_state
+        self.guard: FiniteBatches | None = None
+
+    @override
+    def run_trainer_with_interruption_handling(self, trainer: SAETrainer[Any, Any]) -> TrainingSAE[Any]:
+        if self.cfg.resume_from_checkpoint is not None:
+            continue_from_checkpoint(trainer)
+        self.guard = guard_trainer(trainer, skip_nonfinite_rows=self.skip_nonfinite_rows, guard_state=self.guard_state)
+        return super().run_trainer_with_interruption_handling(trainer)
+
+    @override
+    def save_final_sae(
+        self, sae: TrainingSAE[Any], output_path: str, log_feature_sparsity: torch.Tensor | None = None
+    ) -> None:
+        check_finite(sae.state_dict(), f"refusing to save the trained SAE to {output_path}")
+        with atomic_folder(output_path) as staged:
+            super().save_final_sae(sae, str(staged), log_feature_sparsity)
+
+
+def run_llm_training(cfg: LanguageModelSAERunnerConfig[Any], *, skip_nonfinite_rows: bool = False) -> Any:
     """Run SAE-Lens' runner on `cfg`, with offline model and text sources where the names ask for them.
 
-    Records the run length in the SAE config, and writes the training summary (FVE, L0, k_hat) into the
-    output folder.
+    Records the run length in the SAE config; checks every batch for NaN and inf (stopping with an error, or
+    dropping and counting the rows with `skip_nonfinite_rows`); writes checkpoints and the output folder so
+    that each appears whole; checks a `cfg.resume_from_checkpoint` before SAE-Lens loads it, and corrects
+    the step count after; writes the training summary (FVE, L0, k_hat) into the output folder.
     """
     from softsae_plugin.smollm2 import is_local_model, load_local_model
     from softsae_plugin.text import LOCAL_TEXT_ID, tokenized_english_text
 
     cfg.sae = with_run_length(cfg.sae, cfg.total_training_steps)
+    if cfg.output_path is not None:
+        check_replaceable(cfg.output_path)
+    guard_state: dict[str, int] = {}
+    if cfg.resume_from_checkpoint is not None:
+        guard_state = check_checkpoint(cfg.resume_from_checkpoint, cfg.sae, has_activations_store=True)
     override_model = None
     if is_local_model(cfg.model_name):
         # Build only the blocks up to the hook: SAE-Lens' activation store stops there too.
@@ -177,21 +268,32 @@ def run_llm_training(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
             override_model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos
         )
         cfg.is_dataset_tokenized = True
-    runner = LanguageModelSAETrainingRunner(cfg, override_dataset=override_dataset, override_model=override_model)
+    runner = _GuardedRunner(
+        cfg,
+        skip_nonfinite_rows=skip_nonfinite_rows,
+        guard_state=guard_state,
+        override_dataset=override_dataset,
+        override_model=override_model,
+    )
     sae = runner.run()
     if cfg.output_path is not None:
         from safetensors.torch import load_file
 
+        # Written after the whole folder appeared: the summary needs the activation store, which a prefetching
+        # runner reads from another thread until run() returns.
         sparsity = load_file(str(Path(cfg.output_path) / SPARSITY_FILENAME))["sparsity"]
-        eval_batches = islice(runner.activations_store, SUMMARY_BATCHES)
-        summary, k_hat = summarise(sae, eval_batches, sparsity)
+        eval_batches = FiniteBatches(
+            runner.activations_store, lambda: "the evaluation after training", skip_rows=skip_nonfinite_rows
+        )
+        summary, k_hat = summarise(sae, islice(eval_batches, SUMMARY_BATCHES), sparsity)
         summary["training_tokens"] = cfg.training_tokens
+        summary["nonfinite_rows_skipped"] = runner.guard.rows_skipped if runner.guard else 0
         write_summary(summary, k_hat, cfg.output_path)
         print_summary(summary)
     return sae
 
 
-def _train_on_file(path: str, args: list[str], config: dict[str, Any]) -> None:
+def _train_on_file(path: str, args: list[str], config: dict[str, Any], skip_nonfinite_rows: bool) -> None:
     from softsae_plugin.activations import load_activations
 
     activations = load_activations(path)
@@ -216,6 +318,8 @@ def _train_on_file(path: str, args: list[str], config: dict[str, Any]) -> None:
         checkpoint_path=cfg.checkpoint_path,
         n_checkpoints=cfg.n_checkpoints,
         output_path=cfg.output_path,
+        skip_nonfinite_rows=skip_nonfinite_rows,
+        resume_from=cfg.resume_from_checkpoint,
     )
 
 

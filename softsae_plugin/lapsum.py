@@ -9,7 +9,9 @@ anchor a score of the same row close to the threshold, so that float32 stays acc
 from __future__ import annotations
 
 import math
-from typing import Literal
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -22,6 +24,11 @@ Method = Literal["auto", "sort", "topk"]
 # changes no weight by more than 1e-35 yet avoids the slow path of exp() on very negative arguments and the
 # denormals (far slower still on CPU) that tiny weights produce in the products downstream.
 _EXP_FLOOR = -80.0
+# Scaled scores are clamped to +-_SCALED_LIMIT around the anchor: huge scores or a tiny tau (1e30 / 1e-6) would
+# otherwise overflow float32 to inf and the solve would return NaN. The clamp changes no weight: the threshold lies
+# within about 60 of the anchor, or midway between it and a far neighbour, so a score clamped this far out is
+# thousands of units from the threshold either way, with weight exactly 0 or 1.
+_SCALED_LIMIT = 1e4
 
 
 def _half_exp(arg: Tensor) -> Tensor:
@@ -93,13 +100,65 @@ def _solve_sorted(x: Tensor, k: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
     """Reference solve on rows x (R, n): full sort. Returns the weights and each row's anchor score."""
     sorted_x, order = torch.sort(x, dim=-1, descending=True)
     anchor = _kth_largest(sorted_x, k)
-    scaled = (sorted_x - anchor[:, None]) / tau
+    scaled = ((sorted_x - anchor[:, None]) / tau).clamp_(-_SCALED_LIMIT, _SCALED_LIMIT)
     t, _ = _threshold(scaled, k, None)
     weights = torch.empty_like(x).scatter_(-1, order, _laplace_cdf(scaled - t[:, None]))
     return weights, anchor
 
 
-def _solve_candidates(x: Tensor, k: Tensor, tau: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+# Fusion (soft_topk(..., fused=True)): the fast path's passes over the whole (R, n) matrix, written as pure
+# functions that torch.compile turns into one loop each: one read of x for the tail's sum and one for the weights,
+# one or two reads of the weights and gradient in the backward, instead of about 17 eager passes. Compiled on
+# first use; where compilation fails (no C++ compiler or Triton) they run uncompiled, with the same results.
+_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+_FUSION_FAILED = False
+
+
+def _call_fused(fn: Callable[..., Any], *args: Tensor) -> Any:
+    """`fn(*args)` through its torch.compile'd version, or `fn` itself once compilation has failed."""
+    global _FUSION_FAILED
+    if not _FUSION_FAILED:
+        compiled = _COMPILED.get(fn)
+        if compiled is None:
+            compiled = _COMPILED[fn] = torch.compile(fn)
+        try:
+            return compiled(*args)
+        except Exception as error:  # any compiler or backend failure: the uncompiled function gives the same result
+            _FUSION_FAILED = True
+            warnings.warn(
+                f"soft_topk: fusing with torch.compile failed ({type(error).__name__}: {error}); running unfused",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return fn(*args)
+
+
+def _tail_sums(x: Tensor, low: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the sum of e^((x - low) / tau) (floored as below) over the entries x < low; the count of x == low."""
+    z = ((x - low) / tau).clamp(_EXP_FLOOR, 0).exp()
+    return torch.where(x < low, z, 0).sum(-1), (x == low).sum(-1)
+
+
+def _tail_weights(x: Tensor, low: Tensor, tau: Tensor, flush_level: Tensor, scale: Tensor) -> Tensor:
+    """The tail's weights e^((x - low) / tau) * scale, flushed to zero below flush_level as in _solve_candidates."""
+    z = ((x - low) / tau).clamp(_EXP_FLOOR, 0).exp()
+    return (z - flush_level).clamp(min=0) * scale
+
+
+def _density_sums(weights: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, sum(d) and sum(d * grad) with d = min(p, 1 - p) = tau * dp/dz (see _SoftTopK.backward)."""
+    density = torch.minimum(weights, 1 - weights)
+    return density.sum(-1, keepdim=True), (density * grad).sum(-1, keepdim=True)
+
+
+def _density_grad(weights: Tensor, grad: Tensor, mean_grad: Tensor, tau: Tensor) -> Tensor:
+    """x's gradient d * (grad - gbar) / tau (see _SoftTopK.backward)."""
+    return torch.minimum(weights, 1 - weights) * (grad - mean_grad) / tau
+
+
+def _solve_candidates(
+    x: Tensor, k: Tensor, tau: Tensor, size: int, fused: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """Fast solve on rows x (R, n): the top `size` scores are solved exactly, the rest enter as one sum.
 
     Returns the weights, the anchors and the mask of rows whose threshold lies among the candidates; the
@@ -107,21 +166,34 @@ def _solve_candidates(x: Tensor, k: Tensor, tau: Tensor, size: int) -> tuple[Ten
     """
     top_x, top_index = torch.topk(x, size, dim=-1)
     anchor = _kth_largest(top_x, k)
-    top = (top_x - anchor[:, None]) / tau
-    # e^((x - lowest candidate) / tau) over the tail, clamped to <= 0 and with the candidates zeroed.
-    tail = torch.sub(x, top_x[:, -1:]).div_(tau).clamp_(_EXP_FLOOR, 0).exp_().scatter_(-1, top_index, 0)
-    t, found = _threshold(top, k, top[:, -1] + tail.sum(-1).log())
+    top = ((top_x - anchor[:, None]) / tau).clamp_(-_SCALED_LIMIT, _SCALED_LIMIT)
+    low = top_x[:, -1:]
+    if fused:
+        low = low.contiguous()  # its stride would follow `size` and make the compiled loops recompile
+        # Ties with the lowest candidate add e^0 = 1 each, exactly; those among the candidates are not tail.
+        below, ties = _call_fused(_tail_sums, x, low, tau)
+        tail_sum = below + (ties - (top_x == low).sum(-1)).to(below.dtype)
+    else:
+        # e^((x - lowest candidate) / tau) over the tail, clamped to <= 0 and with the candidates zeroed.
+        tail = torch.sub(x, low).div_(tau).clamp_(_EXP_FLOOR, 0).exp_().scatter_(-1, top_index, 0)
+        tail_sum = tail.sum(-1)
+    t, found = _threshold(top, k, top[:, -1] + tail_sum.log())
     # The tail lies below the threshold, so p = e^(v - t) / 2 there: `tail` rescaled by e^(lowest - t) / 2 (no
     # second exp pass), flushed as in _half_exp before rescaling so that tiny weights become zeros, not denormals.
     shift = (top[:, -1] - t)[:, None]  # <= 0 on the rows where `found`
     flush_level = torch.exp(_EXP_FLOOR - shift)
-    weights = tail.sub_(flush_level).clamp_(min=0).mul_(0.5 * torch.exp(shift))
+    if fused:
+        weights = _call_fused(_tail_weights, x, low, tau, flush_level, 0.5 * torch.exp(shift))
+    else:
+        weights = tail.sub_(flush_level).clamp_(min=0).mul_(0.5 * torch.exp(shift))
     weights.scatter_(-1, top_index, _laplace_cdf(top - t[:, None]))
     return weights, anchor, found
 
 
-def _solve(x: Tensor, k: Tensor, tau: Tensor, method: Method, margin: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward solve on rows x (R, n) with targets k (R,).
+def _solve(
+    x: Tensor, k: Tensor, tau: Tensor, method: Method, margin: int, fused: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward solve on rows x (R, n) with targets k (R,); `fused`: the fast path's big passes compiled.
 
     Returns the weights (R, n), each row's anchor score (R,) and the indices of the rows the fast path handed
     to the full solve (observable for tests; empty when the full solve was used directly).
@@ -133,7 +205,7 @@ def _solve(x: Tensor, k: Tensor, tau: Tensor, method: Method, margin: int) -> tu
     use_candidates = size < (n / 2 if method == "auto" else n)
     fallback = torch.empty(0, dtype=torch.long, device=x.device)
     if use_candidates:
-        weights, anchor, found = _solve_candidates(x, k_solved, tau, size)
+        weights, anchor, found = _solve_candidates(x, k_solved, tau, size, fused)
         fallback = (~found).nonzero().squeeze(-1)
         if fallback.numel() > 0:
             weights[fallback], anchor[fallback] = _solve_sorted(x[fallback], k_solved[fallback], tau)
@@ -148,10 +220,11 @@ class _SoftTopK(torch.autograd.Function):
     """Closed-form solve forward; implicit-differentiation backward for x, k and tau."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, k: Tensor, tau: Tensor, method: Method, margin: int) -> Tensor:
+    def forward(ctx, x: Tensor, k: Tensor, tau: Tensor, method: Method, margin: int, fused: bool) -> Tensor:
         n = x.shape[-1]
-        weights, anchor, _ = _solve(x.reshape(-1, n), k.reshape(-1), tau, method, margin)
+        weights, anchor, _ = _solve(x.reshape(-1, n), k.reshape(-1), tau, method, margin, fused)
         out = weights.view(x.shape)
+        ctx.fused = fused
         ctx.save_for_backward(out, x if ctx.needs_input_grad[2] else None, anchor, tau)  # x: for dL/dtau only
         return out
 
@@ -161,11 +234,15 @@ class _SoftTopK(torch.autograd.Function):
         n = out.shape[-1]
         weights, grad = out.reshape(-1, n), grad_out.reshape(-1, n)
         # tau * dp/dz = F'(z) = min(F, 1 - F): no exp needed. Zero on saturated rows and at the domain ends.
-        density = (1 - weights).clamp_max_(weights)
-        weighted_grad = density * grad
-        total = density.sum(-1, keepdim=True)
+        if ctx.fused and not ctx.needs_input_grad[2]:  # one fused pass for both sums (dL/dtau: the eager path)
+            total, weighted_sum = _call_fused(_density_sums, weights, grad)
+            density = weighted_grad = None
+        else:
+            density = (1 - weights).clamp_max_(weights)
+            weighted_grad = density * grad
+            total, weighted_sum = density.sum(-1, keepdim=True), weighted_grad.sum(-1, keepdim=True)
         total = torch.where(total > 0, total, 1)  # every weight is exactly 0 or 1: no gradient, and no NaN
-        mean_grad = weighted_grad.sum(-1, keepdim=True) / total  # gbar = sum_i q_i g_i
+        mean_grad = weighted_sum / total  # gbar = sum_i q_i g_i
         grad_x = grad_k = grad_tau = None
         if ctx.needs_input_grad[2]:
             # Offsets from a score near the threshold keep x_j - xbar free of cancellation.
@@ -174,13 +251,21 @@ class _SoftTopK(torch.autograd.Function):
             grad_tau = -(weighted_grad * (offset - mean_offset)).sum() / tau**2
         if ctx.needs_input_grad[1]:
             grad_k = mean_grad.view(out.shape[:-1])
-        if ctx.needs_input_grad[0]:  # last: it reuses weighted_grad's memory
+        if ctx.needs_input_grad[0] and weighted_grad is None:
+            grad_x = _call_fused(_density_grad, weights, grad, mean_grad, tau).view(out.shape)
+        elif ctx.needs_input_grad[0]:  # last: it reuses weighted_grad's memory
             grad_x = weighted_grad.addcmul_(density, mean_grad, value=-1).div_(tau).view(out.shape)
-        return grad_x, grad_k, grad_tau, None, None
+        return grad_x, grad_k, grad_tau, None, None, None
 
 
 def soft_topk(
-    x: Tensor, k: float | Tensor, tau: float | Tensor, *, method: Method = "auto", margin: int = 16
+    x: Tensor,
+    k: float | Tensor,
+    tau: float | Tensor,
+    *,
+    method: Method = "auto",
+    margin: int = 16,
+    fused: bool = False,
 ) -> Tensor:
     """LapSum soft top-k weights p = F((x - b) / tau) along the last axis, with b chosen so that sum(p) == k.
 
@@ -192,7 +277,10 @@ def soft_topk(
     top ceil(max k) + `margin` scores with the rest folded into one sum, verifies that the threshold lies among
     them and re-solves the failing rows with "sort" (same result to rounding); "auto" uses "topk" when
     ceil(max k) + margin < n / 2. Weights below about 1e-35 are flushed to exact zeros (speed; see
-    _EXP_FLOOR). Reading max k and checking tau synchronise with the device.
+    _EXP_FLOOR). Reading max k and checking tau synchronise with the device. `fused=True` runs the fast path's
+    passes over the whole matrix (forward and backward) as torch.compile'd loops: same results to float
+    rounding, several times faster on large inputs, at the price of compiling once per process (seconds to a
+    minute; unfused, with a warning, where compilation is unavailable).
     """
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
@@ -217,4 +305,4 @@ def soft_topk(
         k_value = k.to(device=x.device, dtype=dtype)
     else:
         k_value = torch.full(x.shape[:-1], float(k), device=x.device, dtype=dtype)
-    return _SoftTopK.apply(x.to(dtype), k_value, tau_value, method, margin).to(x.dtype)
+    return _SoftTopK.apply(x.to(dtype), k_value, tau_value, method, margin, fused).to(x.dtype)

@@ -14,7 +14,11 @@ that `sparsity_coefficient`, `sparsity_beta` and `aux_loss_coefficient` keep the
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
+import types
+import typing
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from typing_extensions import override
 
 from softsae_plugin.lapsum import soft_topk
+from softsae_plugin.reliability import check_finite
 
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in")
 FOLD_W_DEC_NORM_REFUSAL = (
@@ -44,11 +49,54 @@ FOLD_W_DEC_NORM_REFUSAL = (
 )
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """The allowed types of the sizes and of every field softsae declares (int, float, bool, str or None)."""
+    hints = typing.get_type_hints(cls)
+    # SAE-Lens' own fields (dtype, device, ...) are its to check; the sizes enter softsae's arithmetic.
+    own = {"d_in", "d_sae"}.union(
+        *(vars(klass).get("__annotations__", {}) for klass in cls.__mro__[:-1] if klass.__module__ == __name__)
+    )
+    allowed = {}
+    for name in own:
+        hint = hints[name]
+        allowed[name] = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return allowed
+
+
+def _has_type(value: Any, expected: type) -> bool:
+    # bool is an int to Python, and numpy scalars are not int or float: compare by the numbers hierarchy.
+    if expected in (int, float) and isinstance(value, bool):
+        return False
+    if expected is int:
+        return isinstance(value, numbers.Integral)
+    if expected is float:
+        return isinstance(value, numbers.Real)
+    return value is None if expected is type(None) else isinstance(value, expected)
+
+
+def _check_types(cfg: SoftSAEConfig | SoftTrainingSAEConfig) -> None:
+    # Before any arithmetic: a string k or a float step count would otherwise fail later with a bare
+    # TypeError, or train on a schedule silently computed from the wrong value.
+    for name, options in _field_types(type(cfg)).items():
+        value = getattr(cfg, name)
+        if not any(_has_type(value, option) for option in options):
+            expected = " or ".join("None" if option is type(None) else option.__name__ for option in options)
+            raise TypeError(f"softsae: {name}={value!r} has type {type(value).__name__}; expected {expected}")
+        if isinstance(value, numbers.Real) and not math.isfinite(value):
+            raise ValueError(f"softsae: {name}={value!r} is invalid; expected a finite number")
+
+
 def _check_inference_fields(cfg: SoftSAEConfig | SoftTrainingSAEConfig) -> None:
+    _check_types(cfg)
     if cfg.k_max is None:
         cfg.k_max = math.ceil(2 * cfg.k)
     if not 1 <= cfg.k <= cfg.k_max <= cfg.d_sae:
         raise ValueError(f"softsae needs 1 <= k <= k_max <= d_sae; got k={cfg.k}, k_max={cfg.k_max}, d_sae={cfg.d_sae}")
+    if cfg.k_head_hidden is not None and not 1 <= cfg.k_head_hidden <= cfg.d_sae:
+        raise ValueError(
+            f"softsae: k_head_hidden={cfg.k_head_hidden} is invalid; expected in [1, d_sae={cfg.d_sae}] or None"
+        )
     if cfg.normalize_activations not in SUPPORTED_NORMALIZATIONS:
         raise ValueError(
             f"normalize_activations={cfg.normalize_activations!r} is not supported by softsae; "
@@ -63,10 +111,12 @@ class SoftSAEConfig(SAEConfig):
     Args:
         k: the target mean number of active features the SAE was trained for (recorded, not used to encode).
         k_max: the upper bound of the predicted number of active features; defaults to ceil(2k).
+        k_head_hidden: the width of the k head's hidden layer; None means d_sae (the paper's head).
     """
 
     k: float = 32
     k_max: int | None = None
+    k_head_hidden: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +135,8 @@ class SoftTrainingSAEConfig(TrainingSAEConfig):
     Args:
         k: the target mean number of active features (the budget on the batch mean of k_hat).
         k_max: upper bound of the predicted k_hat; defaults to ceil(2k).
+        k_head_hidden: the width of the k head's hidden layer; None means d_sae, the paper's head (a third
+            d_in x d_sae matmul); a narrower head (e.g. 256) costs little and starts from that many encoder rows.
         tau: the final LapSum temperature, a scale on the pre-activations (see the module docstring).
         tau_start: the temperature at step 0, annealed linearly to `tau`; None keeps tau constant.
         tau_anneal_steps: steps of the tau anneal; None means 2 percent of the run.
@@ -99,12 +151,16 @@ class SoftTrainingSAEConfig(TrainingSAEConfig):
         detach_soft_topk_scores: pass a detached copy of the codes to soft top-k, so gradient reaches
             the codes only through the product a * p (and k_hat through dL/dk). Measured to train
             better: without it, near-ties at the threshold produce 1/(2 tau) gradient spikes.
+        fuse_soft_topk: run soft top-k's passes over the codes as torch.compile'd loops (same results to
+            float rounding, several times faster; compiling takes seconds to a minute once per process);
+            None turns it on when the run is long enough to repay that (see FUSE_MIN_SCORES).
         total_training_steps: the run's length; every schedule is a function of (step, this). Set by
             `sae-lens train` and `train_on_activations`; set it yourself in a custom loop.
     """
 
     k: float = 32
     k_max: int | None = None
+    k_head_hidden: int | None = None
     tau: float = 0.005
     tau_start: float | None = 0.05
     tau_anneal_steps: int | None = None
@@ -116,6 +172,7 @@ class SoftTrainingSAEConfig(TrainingSAEConfig):
     aux_loss_coefficient: float = 1 / 32
     k_aux: int | None = None
     detach_soft_topk_scores: bool = True
+    fuse_soft_topk: bool | None = None
     total_training_steps: int | None = None
     decoder_init_norm: float | None = 1.0
     normalize_activations: str = "expected_average_only_in"  # type: ignore[assignment]
@@ -230,14 +287,15 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
 
 
 def _init_soft_weights(sae: SoftSAE | SoftTrainingSAE) -> None:
-    # W_enc is W_dec^T from the base init; the k head starts as a copy of the encoder so that its
-    # hidden layer reads the same directions, and at k_hat = k_max * sigmoid(0) = k_max / 2.
+    # W_enc is W_dec^T from the base init; the k head starts as a copy of the encoder (its first
+    # k_head_hidden rows) so that its hidden layer reads the same directions, at k_hat = k_max / 2.
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    hidden = sae.cfg.k_head_hidden or d_sae
     kw: dict[str, Any] = {"dtype": sae.dtype, "device": sae.device}
     sae.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
-    sae.W_k_in = nn.Parameter(sae.W_enc.detach().clone())
-    sae.b_k_in = nn.Parameter(torch.zeros(d_sae, **kw))
-    sae.w_k_out = nn.Parameter(torch.zeros(d_sae, **kw))
+    sae.W_k_in = nn.Parameter(sae.W_enc.detach()[:, :hidden].clone())
+    sae.b_k_in = nn.Parameter(torch.zeros(hidden, **kw))
+    sae.w_k_out = nn.Parameter(torch.zeros(hidden, **kw))
     sae.b_k_out = nn.Parameter(torch.zeros((), **kw))
     sae.register_buffer("k_centre", torch.zeros(d_in, **kw))
 
@@ -247,14 +305,50 @@ def _check_last_dim(sae: SoftSAE | SoftTrainingSAE, x: torch.Tensor, what: str) 
         raise ValueError(f"softsae {what}: expected input of shape (..., d_in={sae.cfg.d_in}), got {tuple(x.shape)}")
 
 
+def _check_codes(sae: SoftSAE | SoftTrainingSAE, feature_acts: torch.Tensor) -> None:
+    if feature_acts.shape[-1] != sae.cfg.d_sae:
+        raise ValueError(
+            f"softsae decode: expected codes of shape (..., d_sae={sae.cfg.d_sae}), got {tuple(feature_acts.shape)}"
+        )
+
+
 def _k_head(sae: SoftSAE | SoftTrainingSAE, x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     hidden = F.relu((x.to(sae.dtype) - centre) @ sae.W_k_in + sae.b_k_in)
-    k_hat = sae.cfg.k_max * torch.sigmoid(hidden @ sae.w_k_out + sae.b_k_out)
+    product = hidden @ sae.w_k_out
+    if product.dtype != sae.w_k_out.dtype:  # autocast: redo it in the weights' precision (a cheap matrix-vector
+        with torch.autocast(x.device.type, enabled=False):  # product); in bfloat16 k_hat moves in steps of k_max/256
+            product = hidden.to(sae.w_k_out.dtype) @ sae.w_k_out
+    k_hat = sae.cfg.k_max * torch.sigmoid(product + sae.b_k_out)
     return k_hat.clamp(1.0, float(sae.cfg.d_sae))
+
+
+# Fusing soft top-k (soft_topk(fused=True)) compiles once per process, about 80 s cold on 2 CPU cores (seconds with
+# the compiler's cache warm), and saves about 20 ns per score per step there (eval/README.md): it pays back from
+# about 2^32 scores over the whole run. The paper's runs are far above that; the quickstart is below it.
+FUSE_MIN_SCORES = 2**32
+
+
+def _fuse_soft_topk(cfg: SoftTrainingSAEConfig, scores: torch.Tensor) -> bool:
+    if cfg.fuse_soft_topk is not None:
+        return cfg.fuse_soft_topk
+    return (cfg.total_training_steps or 0) * scores.numel() >= FUSE_MIN_SCORES
 
 
 def _round_k(sae: SoftSAE | SoftTrainingSAE, k_hat: torch.Tensor) -> torch.Tensor:
     return k_hat.detach().round().clamp(1, sae.cfg.k_max).long()
+
+
+def _check_weights_to_load(sae: SoftSAE | SoftTrainingSAE, state_dict: dict[str, Any]) -> None:
+    # SAE-Lens picks the class from cfg.json alone: weights of another architecture would otherwise fail in
+    # load_state_dict with a bare list of keys, and NaN weights would load silently and encode to NaN.
+    expected = set(sae.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"softsae: the weights file is not a SoftSAE's (missing {missing}, unexpected {unexpected}); cfg.json "
+            "says architecture 'softsae', so expected its parameters: the weights belong to another architecture"
+        )
+    check_finite(state_dict, "softsae: refusing to load these weights")
 
 
 def _fold_norm_scaling_into_k_head(sae: SoftSAE | SoftTrainingSAE, scaling_factor: float) -> None:
@@ -308,13 +402,17 @@ class SoftSAE(SAE[SoftSAEConfig]):
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """Reconstruct inputs from codes of shape (..., d_sae)."""
-        if feature_acts.shape[-1] != self.cfg.d_sae:
-            raise ValueError(
-                f"softsae decode: expected codes of shape (..., d_sae={self.cfg.d_sae}), "
-                f"got {tuple(feature_acts.shape)}"
-            )
+        _check_codes(self, feature_acts)
         sae_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
         return self.reshape_fn_out(self.run_time_activation_norm_fn_out(sae_out), self.d_head)
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        _check_weights_to_load(self, state_dict)
+
+    @override
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        check_finite(state_dict, "softsae: refusing to save this SAE")
 
     @override
     def fold_W_dec_norm(self) -> None:
@@ -417,6 +515,12 @@ class SoftTrainingSAE(TrainingSAE[SoftTrainingSAEConfig]):
         return self.hook_sae_acts_post(hard_topk_per_row(F.relu(hidden_pre), k)), hidden_pre
 
     @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """Reconstruct inputs from codes of shape (..., d_sae)."""
+        _check_codes(self, feature_acts)
+        return super().decode(feature_acts)
+
+    @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """One training step's forward pass and losses, following the schedule at this step."""
         schedule = self.cfg.schedule(step_input.n_training_steps)
@@ -440,7 +544,8 @@ class SoftTrainingSAE(TrainingSAE[SoftTrainingSAEConfig]):
             feature_acts = hard_acts
         else:
             scores = acts.detach() if self.cfg.detach_soft_topk_scores else acts
-            feature_acts = acts * soft_topk(scores, k_hat.to(torch.float32), schedule.tau)
+            fused = _fuse_soft_topk(self.cfg, scores)
+            feature_acts = acts * soft_topk(scores, k_hat.to(torch.float32), schedule.tau, fused=fused)
         feature_acts = self.hook_sae_acts_post(feature_acts)
         sae_out = self.decode(feature_acts)
 
@@ -542,6 +647,7 @@ class SoftTrainingSAE(TrainingSAE[SoftTrainingSAEConfig]):
         # An inference checkpoint (fine-tuning from it) has no training flags: its b_dec is trained.
         state_dict.setdefault("b_dec_initialised", torch.ones((), dtype=torch.bool))
         state_dict.setdefault("k_head_frozen", torch.zeros((), dtype=torch.bool))
+        _check_weights_to_load(self, state_dict)
         if bool(state_dict["k_head_frozen"]):
             for p in self._k_head_params():
                 p.requires_grad_(False)
@@ -551,6 +657,7 @@ class SoftTrainingSAE(TrainingSAE[SoftTrainingSAEConfig]):
         # Until the hard phase freezes it, the k head reads the live b_dec: save that as its centre.
         if not bool(state_dict["k_head_frozen"]):
             state_dict["k_centre"] = state_dict["b_dec"].clone()
+        check_finite(state_dict, "softsae: refusing to save this SAE")
 
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:

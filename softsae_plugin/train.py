@@ -18,6 +18,15 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 
 from softsae_plugin.activations import ActivationSource, batches, load_activations
+from softsae_plugin.reliability import (
+    FiniteBatches,
+    atomic_folder,
+    check_checkpoint,
+    check_finite,
+    check_replaceable,
+    continue_from_checkpoint,
+    guard_trainer,
+)
 from softsae_plugin.summary import print_summary, summarise, write_summary
 
 
@@ -63,6 +72,8 @@ def train_on_activations(
     n_checkpoints: int = 0,
     output_path: str | Path | None = None,
     eval_activations: ActivationSource | None = None,
+    skip_nonfinite_rows: bool = False,
+    resume_from: str | Path | None = None,
 ) -> TrainingSAE[Any]:
     """Train an SAE of any registered architecture on precomputed activations with SAE-Lens' `SAETrainer`.
 
@@ -70,7 +81,11 @@ def train_on_activations(
     or a folder written by `datasets.Dataset.save_to_disk`). The run is deterministic given `seed`. The
     returned SAE takes raw activations (SAE-Lens folds its normalisation into the weights). With
     `output_path`, the inference SAE, the feature-sparsity file and a training summary (FVE, L0, k_hat
-    histogram) measured on `eval_activations` (default: a fresh pass over `activations`) are written there.
+    histogram) measured on `eval_activations` (default: a fresh pass over `activations`) are written there,
+    as one folder that appears whole. A batch holding NaN or inf stops the run with an error, unless
+    `skip_nonfinite_rows` drops those rows (counted in the summary). Checkpoints appear whole, and
+    `resume_from` (a checkpoint folder of a run with the same arguments) continues that run exactly where it
+    stopped: same weights as an uninterrupted run of the same seed.
     """
     for name, value in (("batch_size", batch_size), ("training_steps", training_steps)):
         if value <= 0:
@@ -79,6 +94,16 @@ def train_on_activations(
         activations = load_activations(activations)
     torch.manual_seed(seed)
     sae_cfg = with_run_length(sae_cfg, training_steps)
+    if output_path is not None:
+        check_replaceable(output_path)
+    guard_state: dict[str, int] = {}
+    if resume_from is not None:
+        guard_state = check_checkpoint(resume_from, sae_cfg, has_activations_store=False)
+        if "batches_drawn" not in guard_state:
+            raise ValueError(
+                f"resume: {resume_from} was not written by train_on_activations (it has no data position); "
+                "expected a checkpoint of this function or of `sae-lens train --activations`"
+            )
     sae = TrainingSAE.from_dict(dataclasses.replace(sae_cfg, device=device).to_dict())
     trainer_cfg = SAETrainerConfig(
         total_training_samples=training_steps * batch_size,
@@ -96,19 +121,31 @@ def train_on_activations(
         logger=LoggingConfig(log_to_wandb=False),
         n_batches_for_norm_estimate=n_batches_for_norm_estimate,
     )
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches(activations, batch_size, seed=seed))
+    data = batches(activations, batch_size, seed=seed, start=guard_state.get("batches_drawn", 0))
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data)
+    if resume_from is not None:
+        # What SAE-Lens' runner does for resume_from_checkpoint; the data position is restored above.
+        trainer.load_trainer_state(resume_from)
+        sae.load_weights_from_checkpoint(resume_from)
+        continue_from_checkpoint(trainer)
+    guard = guard_trainer(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
     with _progress_bars(progress):
         sae = trainer.fit()
     if output_path is not None:
-        output_path = Path(output_path)
-        sae.save_inference_model(output_path)
-        save_file({"sparsity": trainer.log_feature_sparsity}, output_path / SPARSITY_FILENAME)
-        eval_source = activations if eval_activations is None else eval_activations
-        n_eval = max(1, min(50, 65_536 // batch_size))
-        summary, k_hat = summarise(
-            sae, islice(batches(eval_source, batch_size, seed=seed + 1), n_eval), trainer.log_feature_sparsity
-        )
-        write_summary(summary, k_hat, output_path)
+        check_finite(sae.state_dict(), f"refusing to save the trained SAE to {output_path}")
+        with atomic_folder(output_path) as staged:
+            sae.save_inference_model(staged)
+            save_file({"sparsity": trainer.log_feature_sparsity}, staged / SPARSITY_FILENAME)
+            eval_source = activations if eval_activations is None else eval_activations
+            eval_batches = FiniteBatches(
+                batches(eval_source, batch_size, seed=seed + 1),
+                lambda: "the evaluation after training",
+                skip_rows=skip_nonfinite_rows,
+            )
+            n_eval = max(1, min(50, 65_536 // batch_size))
+            summary, k_hat = summarise(sae, islice(eval_batches, n_eval), trainer.log_feature_sparsity)
+            summary["nonfinite_rows_skipped"] = guard.rows_skipped
+            write_summary(summary, k_hat, staged)
         if progress:
             print_summary(summary)
     return sae

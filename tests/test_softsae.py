@@ -41,6 +41,7 @@ def randomise_k_head(sae: SoftTrainingSAE) -> None:
         (dict(hard_topk_steps=200), "hard_topk_steps=200"),
         (dict(sparsity_beta=0.0), "sparsity_beta"),
         (dict(normalize_activations="layer_norm"), "normalize_activations"),
+        (dict(k_head_hidden=0), "k_head_hidden=0"),
     ],
 )
 def test_config_rejects_bad_values_by_name(overrides, field):
@@ -190,9 +191,9 @@ def test_fold_W_dec_norm_is_refused():
         make_sae().fold_W_dec_norm()
 
 
-@pytest.mark.parametrize("frozen", [False, True])
-def test_saved_inference_model_loads_as_softsae_and_encodes_identically(tmp_path, frozen):
-    sae = make_sae()
+@pytest.mark.parametrize(("frozen", "k_head_hidden"), [(False, None), (True, None), (True, 8)])
+def test_saved_inference_model_loads_as_softsae_and_encodes_identically(tmp_path, frozen, k_head_hidden):
+    sae = make_sae(k_head_hidden=k_head_hidden)
     randomise_k_head(sae)
     with torch.no_grad():
         sae.b_dec.normal_()

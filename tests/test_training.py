@@ -127,11 +127,15 @@ def test_cli_help_lists_softsae_and_its_options():
 def test_sae_lens_train_on_smollm2(tmp_path, architecture):
     """The real runner on the real SmolLM2-135M and real text, a few hundred steps, through the CLI."""
     out = tmp_path / "out"
+    own = ["--k_max", "32", "--tau", "0.005", "--tau_start", "0.05"] if architecture == "softsae" else []
     result = subprocess.run(
-        [SAE_LENS, "train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--architecture", architecture,
-         "--hook_name", "blocks.2.hook_resid_post", "--d_sae", "1152", "--k", "16",
-         "--training_tokens", str(200 * 256), "--train_batch_size_tokens", "256", "--n_batches_in_buffer", "8",
-         "--store_batch_size_prompts", "8", "--n_batches_for_norm_estimate", "4", "--output_path", str(out)],
+        [SAE_LENS, "train", "--architecture", architecture, "--model_name", "smollm2-135m-instruct-q4_1",
+         "--dataset_path", "local:english-wikipedia", "--hook_name", "blocks.2.hook_resid_post",
+         "--context_size", "128", "--exclude_special_tokens", "true", "--d_in", "576", "--d_sae", "1152",
+         "--k", "16", *own, "--lr", "0.0005", "--training_tokens", str(200 * 256),
+         "--train_batch_size_tokens", "256", "--n_batches_in_buffer", "8", "--store_batch_size_prompts", "8",
+         "--n_batches_for_norm_estimate", "4", "--checkpoint_path", str(tmp_path / "ckpt"),
+         "--output_path", str(out)],
         capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

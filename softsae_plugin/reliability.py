@@ -1,0 +1,254 @@
+"""Guards around SAE-Lens' trainer: finite batches, finite saves, whole checkpoints and exact resumes.
+
+SAE-Lens' `SAETrainer` is used unchanged: `guard_trainer` wraps the data provider it reads and the
+`save_checkpoint` method it calls on itself, `check_checkpoint` validates a checkpoint before SAE-Lens'
+own loading reads it, and `continue_from_checkpoint` corrects two counters after that loading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens.constants import (
+    ACTIVATION_SCALER_CFG_FILENAME,
+    ACTIVATIONS_STORE_STATE_FILENAME,
+    SAE_CFG_FILENAME,
+    SAE_WEIGHTS_FILENAME,
+    TRAINER_STATE_FILENAME,
+)
+from sae_lens.saes.sae import TrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+GUARD_STATE_FILENAME = "softsae_guard_state.json"
+
+logger = logging.getLogger(__name__)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], action: str) -> None:
+    """Raise a ValueError, led by `action`, naming every floating-point tensor that holds NaN or inf and how many."""
+    bad = {
+        name: (int((~torch.isfinite(t)).sum()), t.numel())
+        for name, t in tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    }
+    if bad:
+        details = ", ".join(f"{name} has {n_bad} of {n} values NaN or inf" for name, (n_bad, n) in bad.items())
+        raise ValueError(f"{action}: {details}; expected finite values")
+
+
+class FiniteBatches:
+    """The data provider SAE-Lens' trainer reads, with every batch checked for NaN and inf before it is used.
+
+    A batch holding non-finite values stops training with an error naming where (`where()`, e.g. the training
+    step) and how many values were bad; with `skip_rows` the rows holding them are dropped instead (the batch
+    shrinks; a batch with no good row is replaced by the next one) and counted in `rows_skipped`.
+    `batches_drawn` counts the batches taken from `source`: the data position a resumed run skips to.
+    """
+
+    def __init__(
+        self,
+        source: Iterator[torch.Tensor],
+        where: Callable[[], str],
+        *,
+        skip_rows: bool,
+        batches_drawn: int = 0,
+        rows_skipped: int = 0,
+    ) -> None:
+        self.source, self.where, self.skip_rows = source, where, skip_rows
+        self.batches_drawn, self.rows_skipped = batches_drawn, rows_skipped
+
+    def __iter__(self) -> FiniteBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        while True:
+            batch = next(self.source)
+            self.batches_drawn += 1
+            finite = torch.isfinite(batch)
+            # One device sync per batch: the price of never letting a NaN reach the optimiser.
+            if bool(finite.all()):
+                return batch
+            rows = batch.reshape(-1, batch.shape[-1])
+            bad_rows = ~finite.reshape(rows.shape).all(-1)
+            n_bad_rows = int(bad_rows.sum())
+            if not self.skip_rows:
+                raise ValueError(
+                    f"non-finite activations at {self.where()}: {int((~finite).sum())} of {finite.numel()} values "
+                    f"(in {n_bad_rows} of {rows.shape[0]} rows) are NaN or inf; expected finite values. Fix the "
+                    "activation source, or drop such rows with --skip_nonfinite_rows (train_on_activations(..., "
+                    "skip_nonfinite_rows=True))"
+                )
+            self.rows_skipped += n_bad_rows
+            logger.warning(
+                "skipped %d rows with NaN or inf activations at %s (%d so far)",
+                n_bad_rows,
+                self.where(),
+                self.rows_skipped,
+            )
+            if n_bad_rows < rows.shape[0]:
+                return rows[~bad_rows]
+
+
+def check_replaceable(path: str | Path) -> None:
+    """Refuse an output folder that holds something other than an SAE, since `atomic_folder` replaces it whole.
+
+    Called before a run starts as well, so that a wrong output_path costs no training time.
+    """
+    path = Path(path)
+    if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / SAE_CFG_FILENAME).is_file()):
+        raise FileExistsError(
+            f"{path} exists and is not an SAE folder (it has no {SAE_CFG_FILENAME}); expected a new or empty folder, "
+            "or an earlier SAE to replace: choose another output path"
+        )
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a staging path beside `path` to build a folder in; when the block succeeds, rename it to `path`.
+
+    A process killed at any moment leaves `path` either as it was or complete, never half-written: the
+    folder is built in a hidden staging folder `.<name>.<random>.partial` on the same file system and
+    renamed into place. An existing `path` must be empty or an SAE folder (see `check_replaceable`); it is
+    moved into the staging folder first (for that instant the previous folder is whole there, not at
+    `path`), and the staging folder is deleted afterwards or when the block fails: a kill can leave only it.
+    """
+    path = Path(path)
+    check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    staged = staging / path.name
+    try:
+        yield staged
+        # Renaming is atomic against a kill; the fsyncs make it atomic against a power cut too.
+        for file in staged.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if path.exists():
+            os.replace(path, staging / f"{path.name}.previous")
+        os.replace(staged, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def guard_trainer(
+    trainer: SAETrainer[Any, Any], *, skip_nonfinite_rows: bool, guard_state: Mapping[str, int] | None = None
+) -> FiniteBatches:
+    """Make `trainer` check every batch for NaN and inf, and write only whole checkpoints of finite weights.
+
+    Wraps `trainer.data_provider` in a `FiniteBatches` (returned, for its counts) and `trainer.save_checkpoint`
+    (which SAE-Lens calls for every checkpoint, including the runner's) in a version that refuses non-finite
+    weights, builds the checkpoint with `atomic_folder`, and adds the guard's counts to it so that a resumed
+    run knows its data position. `guard_state` is what `check_checkpoint` read from the checkpoint resumed.
+    """
+    state = guard_state or {}
+    guard = FiniteBatches(
+        trainer.data_provider,
+        lambda: f"training step {trainer.n_training_steps}",
+        skip_rows=skip_nonfinite_rows,
+        batches_drawn=state.get("batches_drawn", 0),
+        rows_skipped=state.get("nonfinite_rows_skipped", 0),
+    )
+    trainer.data_provider = guard
+    save = trainer.save_checkpoint
+
+    def save_whole_finite_checkpoint(
+        checkpoint_name: str, base_path: Path | str | None = None, wandb_aliases: list[str] | None = None
+    ) -> None:
+        check_finite(
+            trainer.sae.state_dict(),
+            f"refusing to save checkpoint {checkpoint_name!r} at training step {trainer.n_training_steps}",
+        )
+        base = base_path if base_path is not None else trainer.cfg.checkpoint_path
+        if base is None:  # nothing goes to disk: SAE-Lens only uploads to W&B, from a temporary folder
+            save(checkpoint_name, base_path, wandb_aliases)
+            return
+        with atomic_folder(Path(base) / checkpoint_name) as staged:
+            save(checkpoint_name, staged.parent, wandb_aliases)
+            counts = {"batches_drawn": guard.batches_drawn, "nonfinite_rows_skipped": guard.rows_skipped}
+            (staged / GUARD_STATE_FILENAME).write_text(json.dumps(counts) + "\n")
+
+    trainer.save_checkpoint = save_whole_finite_checkpoint  # type: ignore[method-assign]
+    return guard
+
+
+def check_checkpoint(path: str | Path, sae_cfg: TrainingSAEConfig, *, has_activations_store: bool) -> dict[str, int]:
+    """Check that `path` is a whole checkpoint of a run configured like `sae_cfg`, before SAE-Lens reads it.
+
+    Every problem names the file and what was expected: a missing file, a weights or store file that
+    safetensors cannot read (truncated, corrupted) or that holds NaN or inf, a JSON file that does not parse,
+    a trainer state that `torch.load(weights_only=True)` refuses (so SAE-Lens' own `torch.load` of it never
+    runs pickled code), or a cfg.json of another architecture, size or run length. Returns the guard's counts
+    saved with the checkpoint (empty for a checkpoint written without `guard_trainer`).
+    """
+    path = Path(path)
+    required = [SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, TRAINER_STATE_FILENAME, ACTIVATION_SCALER_CFG_FILENAME]
+    if has_activations_store:
+        required.append(ACTIVATIONS_STORE_STATE_FILENAME)
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        inside = sorted(p.name for p in path.glob("[!.]*") if p.is_dir())
+        hint = f"; it holds the checkpoints {inside}: resume from one of them" if inside else ""
+        raise FileNotFoundError(
+            f"resume: {path} is not a whole training checkpoint: it lacks {missing}; expected a folder written "
+            f"by a checkpointing run (CHECKPOINT_PATH/<run id>/<n_training_samples>){hint}"
+        )
+    for name in (*required, GUARD_STATE_FILENAME):
+        file = path / name
+        try:
+            if name.endswith(".json") and file.exists():
+                json.loads(file.read_text())
+            elif name.endswith(".safetensors"):
+                check_finite(load_file(file), f"resume: {file} is unusable")
+            elif name == TRAINER_STATE_FILENAME:
+                torch.load(file, map_location="cpu", weights_only=True)
+        except (SafetensorError, json.JSONDecodeError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+            first_line = (str(err).strip() or "no data").splitlines()[0][:200]
+            raise ValueError(
+                f"resume: {file} cannot be read safely ({type(err).__name__}: {first_line}); expected the whole "
+                "file a training run wrote: resume from an earlier checkpoint"
+            ) from None
+    saved = json.loads((path / SAE_CFG_FILENAME).read_text())
+    expected = {
+        "architecture": sae_cfg.architecture(),
+        "d_in": sae_cfg.d_in,
+        "d_sae": sae_cfg.d_sae,
+        "total_training_steps": getattr(sae_cfg, "total_training_steps", None),
+    }
+    for name, value in expected.items():
+        if value is not None and saved.get(name) != value:
+            raise ValueError(
+                f"resume: {path / SAE_CFG_FILENAME} has {name}={saved.get(name)!r}, but this run has {name}={value!r}; "
+                "expected the configuration the checkpoint was trained with"
+            )
+    guard_state = path / GUARD_STATE_FILENAME
+    return json.loads(guard_state.read_text()) if guard_state.exists() else {}
+
+
+def continue_from_checkpoint(trainer: SAETrainer[Any, Any]) -> None:
+    """Correct the two counters that SAE-Lens' checkpoint loading (`load_trainer_state`) leaves behind.
+
+    SAE-Lens saves a mid-run checkpoint before counting the step it has just taken, so `n_training_steps`
+    comes back one short: every step-driven schedule (softsae's tau, target k and phase) would repeat a step
+    and stay one behind. The LR scheduler steps exactly once per optimiser step, so its count is right. And
+    the checkpoint thresholds are rebuilt from zero, so each one already passed would fire again.
+    """
+    trainer.n_training_steps = trainer.lr_scheduler.last_epoch
+    trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
