@@ -323,9 +323,9 @@ def _k_head(sae: SoftSAE | SoftTrainingSAE, x: torch.Tensor, centre: torch.Tenso
 
 
 # Fusing soft top-k (soft_topk(fused=True)) compiles once per process, about 80 s cold on 2 CPU cores (seconds with
-# the compiler's cache warm), and saves about 20 ns per score per step there (eval/README.md): it pays back from
-# about 2^32 scores over the whole run. The paper's runs are far above that; the quickstart is below it.
-FUSE_MIN_SCORES = 2**32
+# the compiler's cache warm), and saves 5-20 ns per score per step there (eval/README.md): it pays back from 2^32 to
+# 2^34 scores over the whole run. The paper's runs (2^40 and more) are far above that; the quickstart (2^30) below.
+FUSE_MIN_SCORES = 2**34
 
 
 def _fuse_soft_topk(cfg: SoftTrainingSAEConfig, scores: torch.Tensor) -> bool:
@@ -634,8 +634,9 @@ class SoftTrainingSAE(TrainingSAE[SoftTrainingSAEConfig]):
     def remove_radial_decoder_grad(self) -> None:
         """Remove the component of W_dec's gradient along each row (rows stay on the unit sphere)."""
         if self.W_dec.grad is not None:
-            rows = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            self.W_dec.grad -= (self.W_dec.grad * rows).sum(-1, keepdim=True) * rows
+            # grad -= (grad . w) w / |w|^2 per row, in three passes over W_dec and no temporary of its size.
+            along = torch.linalg.vecdot(self.W_dec.grad, self.W_dec) / self.W_dec.norm(dim=-1).clamp_min(1e-12).square()
+            self.W_dec.grad.addcmul_(self.W_dec, along.unsqueeze(-1), value=-1)
 
     @torch.no_grad()
     def normalise_decoder_rows(self) -> None:
