@@ -17,9 +17,10 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, co
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 from sae_lens import upload_saes_to_huggingface
-from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME
 
 from softsae_plugin.card import CARD_MARKER, EVAL_DIRNAME, SAEEntry, is_card_source, model_card, read_entry
+from softsae_plugin.reliability import check_sae_folder
 from softsae_plugin.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
 
 README = "README.md"
@@ -154,9 +155,7 @@ def checkpoint_ids(checkpoints: Sequence[Path], sae_id: str | None = None) -> di
         raise ValueError(f"--sae-id names one SAE, but {len(checkpoints)} checkpoints were given")
     ids: dict[str, Path] = {}
     for folder in checkpoints:
-        missing = [name for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME) if not (folder / name).is_file()]
-        if missing:
-            raise ValueError(f"{folder}: no {' or '.join(missing)}; expected a checkpoint folder of `sae-lens train`")
+        check_sae_folder(folder, "checkpoint")
         name = sae_id if sae_id is not None else folder.resolve().name
         if any(part in ("", ".", "..") for part in name.split("/")):
             raise ValueError(f"SAE id {name!r} is not a folder name for the repo; choose one with --sae-id")

@@ -189,6 +189,56 @@ def guard_trainer(
     return guard
 
 
+def _read_safely(file: Path, action: str, remedy: str) -> Any:
+    """Read one file of an SAE or checkpoint folder, or raise a ValueError naming it, the fault and `remedy`.
+
+    safetensors files must load and hold only finite values; JSON must parse; a trainer state must load with
+    `torch.load(weights_only=True)`, so that no pickled code from the file ever runs.
+    """
+    try:
+        if file.name.endswith(".json"):
+            return json.loads(file.read_text())
+        if file.name.endswith(".safetensors"):
+            tensors = load_file(file)
+            check_finite(tensors, f"{action}: {file} is unusable")
+            return tensors
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (SafetensorError, json.JSONDecodeError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        first_line = (str(err).strip() or "no data").splitlines()[0][:200]
+        raise ValueError(
+            f"{action}: {file} cannot be read safely ({type(err).__name__}: {first_line}); expected the whole "
+            f"file SAE-Lens wrote: {remedy}"
+        ) from None
+
+
+def check_sae_folder(path: str | Path, action: str) -> dict[str, Any]:
+    """Check that `path` holds an SAE that `SAE.load_from_disk` can load whole, before anything reads it.
+
+    A missing, truncated or corrupted cfg.json or weights file, NaN or inf weights, or an architecture that
+    SAE-Lens has not registered each raise a ValueError led by `action` (e.g. "sae-lens eval") that names the
+    file and what was expected. Returns the parsed cfg.json.
+    """
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    path = Path(path)
+    missing = [name for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME) if not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"{action}: {path} has no {' or '.join(missing)}; expected an SAE folder (SAE.save_model)")
+    remedy = "save or download the SAE again"
+    cfg = _read_safely(path / SAE_CFG_FILENAME, action, remedy)
+    architecture = cfg.get("architecture", "standard") if isinstance(cfg, dict) else None
+    try:
+        SAE_CLASS_REGISTRY[architecture]  # a plugin's architecture registers itself on lookup (softsae_plugin_autoload)
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"{action}: {path / SAE_CFG_FILENAME} has architecture={architecture!r}, which SAE-Lens has not "
+            f"registered; expected one of {sorted(SAE_CLASS_REGISTRY)} (a plugin's architecture is registered when "
+            "its package is imported)"
+        ) from None
+    _read_safely(path / SAE_WEIGHTS_FILENAME, action, remedy)
+    return cfg
+
+
 def check_checkpoint(path: str | Path, sae_cfg: TrainingSAEConfig, *, has_activations_store: bool) -> dict[str, int]:
     """Check that `path` is a whole checkpoint of a run configured like `sae_cfg`, before SAE-Lens reads it.
 
@@ -211,20 +261,8 @@ def check_checkpoint(path: str | Path, sae_cfg: TrainingSAEConfig, *, has_activa
             f"by a checkpointing run (CHECKPOINT_PATH/<run id>/<n_training_samples>){hint}"
         )
     for name in (*required, GUARD_STATE_FILENAME):
-        file = path / name
-        try:
-            if name.endswith(".json") and file.exists():
-                json.loads(file.read_text())
-            elif name.endswith(".safetensors"):
-                check_finite(load_file(file), f"resume: {file} is unusable")
-            elif name == TRAINER_STATE_FILENAME:
-                torch.load(file, map_location="cpu", weights_only=True)
-        except (SafetensorError, json.JSONDecodeError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-            first_line = (str(err).strip() or "no data").splitlines()[0][:200]
-            raise ValueError(
-                f"resume: {file} cannot be read safely ({type(err).__name__}: {first_line}); expected the whole "
-                "file a training run wrote: resume from an earlier checkpoint"
-            ) from None
+        if (path / name).exists():
+            _read_safely(path / name, "resume", "resume from an earlier checkpoint")
     saved = json.loads((path / SAE_CFG_FILENAME).read_text())
     expected = {
         "architecture": sae_cfg.architecture(),

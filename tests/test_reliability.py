@@ -389,27 +389,21 @@ def checkpoint(tmp_path_factory) -> Path:
     return checkpoint
 
 
-def corrupt(checkpoint: Path, tmp_path: Path, how: str) -> Path:
+def corrupt(checkpoint: Path, tmp_path: Path, how: str, damage_sae) -> Path:
     damaged = tmp_path / "damaged"
     shutil.copytree(checkpoint, damaged)
-    weights, state, cfg = damaged / SAE_WEIGHTS_FILENAME, damaged / TRAINER_STATE_FILENAME, damaged / SAE_CFG_FILENAME
+    state = damaged / TRAINER_STATE_FILENAME
     if how == "missing trainer state":
         state.unlink()
-    elif how == "truncated weights":
-        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    elif how == "nan weights":
-        tensors = load_file(weights)
-        tensors["W_dec"][0, 0] = math.nan
-        save_file(tensors, weights)
     elif how == "truncated trainer state":
         state.write_bytes(state.read_bytes()[:1000])
     elif how == "pickled code":
         torch.save({"optimizer": _RunsCode()}, state)
-    elif how == "other architecture":
-        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "architecture": "topk"}))
     elif how == "run folder":
         damaged = tmp_path / "run"
         shutil.copytree(checkpoint, damaged / "1984")
+    else:
+        assert damage_sae(damaged, how), how
     return damaged
 
 
@@ -429,13 +423,13 @@ class _RunsCode:
         ("nan weights", r"sae_weights.safetensors is unusable: W_dec has 1 of 1024 values NaN or inf"),
         ("truncated trainer state", r"trainer_state.pt cannot be read safely \((OSError|RuntimeError)"),
         ("pickled code", r"trainer_state.pt cannot be read safely \(UnpicklingError: Weights only load failed"),
-        ("other architecture", r"has architecture='topk', but this run has architecture='softsae'"),
+        ("architecture topk", r"has architecture='topk', but this run has architecture='softsae'"),
         ("run folder", r"lacks .*; it holds the checkpoints \['1984'\]: resume from one of them"),
     ],
 )
-def test_resume_refuses_a_damaged_checkpoint_clearly(checkpoint, tmp_path, how, message):
+def test_resume_refuses_a_damaged_checkpoint_clearly(checkpoint, tmp_path, damage_sae, how, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        damaged = corrupt(checkpoint, tmp_path, how)
+        damaged = corrupt(checkpoint, tmp_path, how, damage_sae)
         train_on_activations(activations(1024), soft_cfg(), training_steps=30, resume_from=damaged, **QUICK)
 
 
@@ -488,13 +482,13 @@ def test_language_model_run_killed_and_resumed_matches_the_uninterrupted_run(tmp
     args = ["train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--hook_name", "blocks.2.hook_resid_post",
             "--d_sae", "576", "--k", "16", "--k_max", "32", "--training_tokens", str(256 * steps),
             "--train_batch_size_tokens", "256", "--n_batches_in_buffer", "8", "--store_batch_size_prompts", "8",
-            "--n_batches_for_norm_estimate", "4", "--n_checkpoints", "3",
+            "--n_batches_for_norm_estimate", "4", "--n_checkpoints", "9", "--hard_topk_steps", "10",
             "--save_final_checkpoint", "true"]  # fmt: skip
-    # Killed after its last checkpoint (75%): SAE-Lens does not save the activation shuffle buffer, so the resumed
-    # run trains on other batches from there on, and the shorter that stretch, the closer the final FVE. The two
-    # final FVEs differed by under 0.005 on the development machine and by 0.006 on CI.
+    # Killed after its last checkpoint (90%, before the hard phase of the last 10 steps): SAE-Lens does not save
+    # its activation shuffle buffer, so the resumed run trains on other batches from there on, and the shorter
+    # that stretch, the closer the final FVE (killed at 75%, the two differed by up to 0.006).
     killed = [SAE_LENS, *args, "--checkpoint_path", str(tmp_path / "ckpt_killed"), "--output_path", str(tmp_path / "o")]
-    checkpoint = kill_after_checkpoints(killed, tmp_path / "ckpt_killed", count=3, timeout=1200)
+    checkpoint = kill_after_checkpoints(killed, tmp_path / "ckpt_killed", count=9, timeout=1200)
     assert not (tmp_path / "o").exists()
 
     main([*args, "--checkpoint_path", str(tmp_path / "ckpt_resumed"), "--output_path", str(tmp_path / "out_r"),
@@ -510,4 +504,4 @@ def test_language_model_run_killed_and_resumed_matches_the_uninterrupted_run(tmp
         assert sae.cfg.schedule(states[run]["n_training_steps"]) == saes["ckpt_full"].cfg.schedule(steps)
     x = held_out_activations("blocks.2.hook_resid_post")
     fve = {out: summarise(SAE.load_from_disk(tmp_path / out), [x])[0]["fve"] for out in ("out_r", "out_u")}
-    assert fve["out_u"] > 0.3 and abs(fve["out_r"] - fve["out_u"]) < 0.02, fve
+    assert fve["out_u"] > 0.3 and abs(fve["out_r"] - fve["out_u"]) < 0.005, fve
