@@ -1,0 +1,760 @@
+"""`sae-lens eval`: SAEBench's own absorption, feature-splitting, SCR and TPP evaluations on any SAEs.
+
+SAEBench's `run_eval` functions run unchanged on SAE-Lens SAE objects (SoftSAE included: SAEBench reads the
+hook name and layer from `cfg.metadata` itself, and moves the SAE to the model's device and dtype). This
+module only supplies what those functions cannot reach offline, and moves what they write:
+
+- the model: built once (a local id such as SmolLM2-135M offline, any other name exactly as SAEBench loads
+  it) and handed to every eval where SAEBench calls `HookedTransformer.from_pretrained_no_processing`;
+- with `--datasets-dir`, local copies of the SCR/TPP datasets (`datasets.save_to_disk`) where SAEBench calls
+  `load_dataset`;
+- SAEBench's artifacts (first-letter probes, cached activations, per-SAE intermediate tables), which it
+  writes inside its installed package or the working directory, go to `<out>/saebench/<model>/`, so two
+  models never share a cached probe;
+- with `--absorption-vocab-size`, the vocabulary its first-letter probe is trained on.
+
+Each replacement is one name looked up inside one SAEBench module, patched only while that step runs; no
+SAEBench file and no metric code changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import torch
+import yaml
+from sae_lens import SAE
+
+import softsae_plugin  # noqa: F401  (registers softsae, so SoftSAE checkpoints load)
+from softsae_plugin.reliability import check_sae_folder
+from softsae_plugin.smollm2 import is_local_model, load_local_model
+from softsae_plugin.summary import SUMMARY_FILENAME
+
+EVALS = {
+    "absorption": "SAEBench's first-letter feature absorption (mean_absorption_fraction_score)",
+    "splitting": "SAEBench's feature splitting (mean_num_split_features), from the same first-letter k-sparse "
+    "probing run as absorption: asking for both runs it once",
+    "scr": "SAEBench's spurious correlation removal (scr_metric_threshold_2); needs bias_in_bios and amazon "
+    "reviews (the Hub, or --datasets-dir)",
+    "tpp": "SAEBench's targeted probe perturbation (tpp_threshold_10_total_metric); same datasets as scr",
+}
+# SAEBench's eval type ids, which name its output folders and JSON files.
+ABSORPTION_ID, SCR_ID, TPP_ID = "absorption_first_letter", "scr", "tpp"
+TABLE_COLUMNS = (
+    "SAE",
+    "architecture",
+    "k",
+    "L0",
+    "FVE",
+    "mean_absorption_fraction_score",
+    "mean_num_split_features",
+    "scr_metric_threshold_2",
+    "tpp_threshold_10_total_metric",
+)
+# Where each metric column lives in SAEBench's output JSON: eval type id, metric category, metric name.
+METRIC_SOURCES = {
+    "mean_absorption_fraction_score": (ABSORPTION_ID, "mean"),
+    "mean_num_split_features": (ABSORPTION_ID, "mean"),
+    "scr_metric_threshold_2": (SCR_ID, "scr_metrics"),
+    "tpp_threshold_10_total_metric": (TPP_ID, "tpp_metrics"),
+}
+EVAL_METRICS = {
+    "absorption": ("mean_absorption_fraction_score",),
+    "splitting": ("mean_num_split_features",),
+    "scr": ("scr_metric_threshold_2",),
+    "tpp": ("tpp_threshold_10_total_metric",),
+}
+# Config fields this command sets itself; the rest of SAEBench's config can be overridden with --set.
+OWN_FIELDS = ("model_name", "perform_scr")
+# SAEBench's scr/tpp config has no batch-size default for models outside its own table.
+FALLBACK_LLM_BATCH_SIZE = 32
+LOCAL_DATASET_NOTE = "served from local copies in --datasets-dir"
+
+
+class EvalError(RuntimeError):
+    """An evaluation that did not produce its result (skipped, refused or non-finite)."""
+
+
+@dataclasses.dataclass
+class SAESpec:
+    """One SAE to evaluate: a checkpoint folder, or an SAE-Lens release and SAE id (`RELEASE:SAE_ID`)."""
+
+    name: str
+    checkpoint: Path | None = None
+    release: str | None = None
+    sae_id: str | None = None
+    sae: SAE[Any] | None = None
+    training_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def selection(self) -> tuple[str, SAE[Any] | str]:
+        """The (name, SAE object) or (release, SAE id) pair SAEBench's `run_eval` takes."""
+        if self.sae is not None:
+            return self.name, self.sae
+        assert self.release is not None and self.sae_id is not None
+        return self.release, self.sae_id
+
+    def result_path(self, eval_dir: Path) -> Path:
+        """Where SAEBench writes this SAE's result in `eval_dir` (SAEBench names custom SAEs 'custom_sae')."""
+        from sae_bench.sae_bench_utils.general_utils import get_results_filepath
+
+        release, sae_id = (self.name, "custom_sae") if self.sae is not None else self.selection()
+        return Path(get_results_filepath(str(eval_dir), release, str(sae_id)))
+
+
+def _parser() -> argparse.ArgumentParser:
+    evals_help = "\n".join(f"  {name:10s} {text}" for name, text in EVALS.items())
+    parser = argparse.ArgumentParser(
+        prog="sae-lens eval",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run SAEBench's own evaluation code, unchanged, on SAE-Lens SAEs (SoftSAE included), and "
+        "write SAEBench's JSON results, a summary table (Markdown and CSV) and a plot per metric against L0.",
+        epilog=f"evals:\n{evals_help}\n\n"
+        "SAEBench config fields can be set per eval: --set absorption.k_sparse_probe_num_epochs=10, "
+        "--set scr.train_set_size=200, or a YAML file with sections absorption/scr/tpp (--eval-config).",
+    )
+    parser.add_argument(
+        "--evals",
+        default=",".join(EVALS),
+        help=f"comma-separated evals to run (default: all of {', '.join(EVALS)})",
+    )
+    parser.add_argument(
+        "--sae",
+        action="append",
+        required=True,
+        metavar="PATH_OR_RELEASE:SAE_ID",
+        help="an SAE checkpoint folder (cfg.json + weights), or an SAE-Lens pretrained release and SAE id; "
+        "repeat for more SAEs",
+    )
+    parser.add_argument(
+        "--model",
+        help="the model the SAEs read (default: the model_name in the checkpoints' cfg.json); a local id such "
+        "as smollm2-135m-instruct-q4_1 is built offline",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument(
+        "--datasets-dir",
+        type=Path,
+        help="serve SCR/TPP datasets from local copies saved with datasets.save_to_disk, in folders named like "
+        "their Hub ids (DIR/LabHC/bias_in_bios, DIR/canrager/amazon_reviews_mcauley_1and5)",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="EVAL.FIELD=VALUE",
+        help="override one SAEBench config field (VALUE is read as YAML, except for text fields)",
+    )
+    parser.add_argument(
+        "--eval-config",
+        type=Path,
+        action="append",
+        default=[],
+        help="a YAML file of SAEBench config fields per eval (repeatable; later files and --set win)",
+    )
+    parser.add_argument(
+        "--absorption-vocab-size",
+        type=int,
+        metavar="N",
+        help="train SAEBench's first-letter probe on about N alphabetic tokens of the model's vocabulary (at "
+        "least 20 per first letter, drawn with absorption.random_seed) instead of all of them; faster, but not "
+        "comparable with full-vocabulary SAEBench numbers",
+    )
+    parser.add_argument(
+        "--force-rerun",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SAEBench's force_rerun, and a fresh artifact folder (default: on)",
+    )
+    parser.add_argument(
+        "--checkpoint-eval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also copy each checkpoint's results into <checkpoint>/eval/ (default: on)",
+    )
+    return parser
+
+
+def _parse_evals(text: str) -> list[str]:
+    evals = [e.strip() for e in text.split(",") if e.strip()]
+    unknown = [e for e in evals if e not in EVALS]
+    if unknown or not evals:
+        raise EvalError(f"--evals: unknown eval(s) {unknown}; expected a comma-separated subset of {list(EVALS)}")
+    return evals
+
+
+def _override_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {"absorption": {}, "scr": {}, "tpp": {}}
+    raw: list[tuple[str, str, Any]] = []
+    for path in args.eval_config:
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise EvalError(f"--eval-config {path}: expected sections absorption/scr/tpp of fields")
+        raw += [(section, key, value) for section, fields in data.items() for key, value in fields.items()]
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise EvalError(f"--set {item!r}: expected EVAL.FIELD=VALUE, e.g. scr.train_set_size=200")
+        raw.append((section, field, value))
+    for section, field, value in raw:
+        if section not in sections:
+            hint = " (splitting is computed by the absorption eval)" if section == "splitting" else ""
+            raise EvalError(f"config section {section!r} is unknown{hint}; expected one of {list(sections)}")
+        sections[section][field] = value
+    return sections
+
+
+def _eval_config(cls: type, section: str, overrides: dict[str, Any], **own: Any) -> Any:
+    """Build SAEBench's pydantic config `cls`: our fields, SAEBench's defaults, then the user's overrides."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in overrides:
+        if key in OWN_FIELDS:
+            raise EvalError(f"{section}.{key} is set by sae-lens eval itself (use --model)")
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise EvalError(f"{section}.{key} is not a field of SAEBench's {cls.__name__}{hint}")
+    # --set values arrive as text: read them as YAML unless the field is a string (a template like "{word}:").
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    parsed = {k: yaml.safe_load(v) if isinstance(v, str) and types[k] is not str else v for k, v in overrides.items()}
+    return cls(**{**own, **parsed})
+
+
+def _default_llm_settings(model_name: str, default_batch_size: int | None) -> dict[str, Any]:
+    # SAEBench's own CLIs take batch size and dtype from these tables; other models get float32.
+    from sae_bench.sae_bench_utils.activation_collection import LLM_NAME_TO_BATCH_SIZE, LLM_NAME_TO_DTYPE
+
+    batch_size = LLM_NAME_TO_BATCH_SIZE.get(model_name, default_batch_size or FALLBACK_LLM_BATCH_SIZE)
+    return {"llm_batch_size": batch_size, "llm_dtype": LLM_NAME_TO_DTYPE.get(model_name, "float32")}
+
+
+def _sae_names(paths: Sequence[Path]) -> list[str]:
+    # Names must be unique (they name SAEBench's result files): the path below the folders they share.
+    if len(paths) == 1:
+        return [paths[0].name]
+    common = Path(os.path.commonpath([str(p) for p in paths]))
+    return [str(p.relative_to(common)).replace(os.sep, "-") or p.name for p in paths]
+
+
+def load_saes(specs: Sequence[str], device: str) -> list[SAESpec]:
+    """Resolve `--sae` values: existing folders load as SAE objects, `RELEASE:SAE_ID` stays a Hub reference.
+
+    Hub references are passed to SAEBench as (release, SAE id) so that SAEBench loads them its own way; a
+    checkpoint's `training_summary.json` (written by `sae-lens train`) supplies its L0 and FVE.
+    """
+    local = [Path(s).resolve() for s in specs if Path(s).is_dir()]
+    names = iter(_sae_names(local))
+    out = []
+    for spec in specs:
+        if Path(spec).is_dir():
+            path = Path(spec).resolve()
+            summary_path = path / SUMMARY_FILENAME
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            try:
+                check_sae_folder(path, "--sae")
+            except ValueError as err:
+                raise EvalError(str(err)) from None
+            sae = SAE.load_from_disk(str(path), device=device)
+            out.append(SAESpec(name=next(names), checkpoint=path, sae=sae, training_summary=summary))
+        elif ":" in spec:
+            release, sae_id = spec.split(":", 1)
+            out.append(SAESpec(name=f"{release}_{sae_id}".replace("/", "_"), release=release, sae_id=sae_id))
+        else:
+            raise EvalError(f"--sae {spec!r} is neither a checkpoint folder nor RELEASE:SAE_ID")
+    return out
+
+
+def _resolve_model(saes: Sequence[SAESpec], model: str | None) -> str:
+    names = {s.name: s.sae.cfg.metadata.model_name for s in saes if s.sae is not None}
+    if model is None:
+        found = set(names.values())
+        if len(found) != 1 or None in found:
+            raise EvalError(f"pass --model: the checkpoints name the models {names}")
+        return found.pop()
+    wrong = {name: m for name, m in names.items() if m not in (None, model)}
+    if wrong:
+        raise EvalError(f"--model {model!r}, but these SAEs were trained on other models: {wrong}")
+    return model
+
+
+def _hook_layer(sae: SAE[Any]) -> int:
+    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", str(sae.cfg.metadata.hook_name))
+    if match is None:
+        raise EvalError(
+            f"absorption reads SAEBench's first-letter probe at blocks.L.hook_resid_post; this SAE reads "
+            f"{sae.cfg.metadata.hook_name!r}"
+        )
+    return int(match.group(1))
+
+
+def _seed(seed: int) -> None:
+    # SAEBench's absorption eval does not seed its probe training; seeding here makes reruns repeatable.
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    previous = Path.cwd()
+    path.mkdir(parents=True, exist_ok=True)
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@contextmanager
+def serve_model(eval_module: Any, model_name: str, models: dict[str, Any]) -> Iterator[None]:
+    """While the block runs, `eval_module`'s `HookedTransformer.from_pretrained_no_processing(model_name, ...)`
+    returns the model already built for it (`models`, keyed by dtype name; see `build_model`).
+
+    Only the name `HookedTransformer` inside that one SAEBench module is replaced, by an object with just
+    that loader: any other use of the name there fails loudly instead of silently using a stand-in.
+    """
+
+    def from_pretrained_no_processing(name: str, *args: Any, **kwargs: Any) -> Any:
+        dtype = str(kwargs.get("dtype", torch.float32)).removeprefix("torch.")
+        if name != model_name or dtype not in models:
+            raise EvalError(f"SAEBench asked for {name} in {dtype}; built: {model_name} in {sorted(models)}")
+        return models[dtype]
+
+    stand_in = SimpleNamespace(from_pretrained_no_processing=from_pretrained_no_processing)
+    with mock.patch.object(eval_module, "HookedTransformer", stand_in):
+        yield
+
+
+@contextmanager
+def serve_datasets(datasets_dir: Path, served: dict[str, str]) -> Iterator[None]:
+    """While the block runs, SAEBench's SCR/TPP `load_dataset(name)` loads `datasets_dir / name` from disk.
+
+    The two SAEBench modules that call `load_dataset` for SCR and TPP get a loader that reads only local
+    copies (a missing copy is an error naming the folder it expected, never a silent Hub download). The
+    description stored with each copy is recorded in `served`, so the summary can say what was used.
+    """
+    import datasets
+    import sae_bench.evals.scr_and_tpp.dataset_creation as scr_data
+    import sae_bench.sae_bench_utils.dataset_utils as tpp_data
+
+    def load_dataset(path: str, *args: Any, split: str | None = None, **kwargs: Any) -> Any:
+        if args or kwargs:
+            raise EvalError(f"a local copy of {path} cannot serve load_dataset arguments {args} {kwargs}")
+        folder = datasets_dir / path
+        if not folder.is_dir():
+            raise EvalError(f"--datasets-dir has no copy of {path}: expected {folder} (datasets.save_to_disk)")
+        data = datasets.load_from_disk(str(folder))
+        first = data if isinstance(data, datasets.Dataset) else next(iter(data.values()))
+        served[path] = first.info.description or LOCAL_DATASET_NOTE
+        return data[split] if split is not None else data
+
+    with (
+        mock.patch.object(scr_data, "load_dataset", load_dataset),
+        mock.patch.object(tpp_data, "load_dataset", load_dataset),
+    ):
+        yield
+
+
+def absorption_results_dir(workdir: Path) -> Path:
+    """SAEBench's absorption artifact folder (inside its package by default), moved under `workdir`."""
+    return workdir / "artifacts" / "absorption"
+
+
+@contextmanager
+def absorption_artifacts_in(workdir: Path) -> Iterator[None]:
+    """While the block runs, SAEBench's absorption eval writes its artifacts under `workdir`.
+
+    Its probes and per-SAE experiment folders default to a folder inside the installed sae_bench package (bound
+    as default arguments when SAEBench is imported), and its k-sparse-probing JSON goes to `artifacts/` under
+    the working directory. The two experiment functions its `run_eval` calls get those folders as arguments
+    (the same layout, rooted at `workdir/artifacts/absorption`), and the working directory is `workdir`.
+    """
+    import sae_bench.evals.absorption.main as absorption_main
+    from sae_bench.evals.absorption.feature_absorption import FEATURE_ABSORPTION_EXPERIMENT_NAME
+    from sae_bench.evals.absorption.k_sparse_probing import SPARSE_PROBING_EXPERIMENT_NAME
+
+    results = absorption_results_dir(workdir)
+    probes, sparse_probing = results / "probes", results / SPARSE_PROBING_EXPERIMENT_NAME
+    k_sparse = partial(
+        absorption_main.run_k_sparse_probing_experiment, experiment_dir=sparse_probing, probes_dir=probes
+    )
+    absorption = partial(
+        absorption_main.run_feature_absortion_experiment,
+        experiment_dir=results / FEATURE_ABSORPTION_EXPERIMENT_NAME,
+        sparse_probing_experiment_dir=sparse_probing,
+        probes_dir=probes,
+    )
+    with (
+        _working_directory(workdir),
+        mock.patch.multiple(
+            absorption_main, run_k_sparse_probing_experiment=k_sparse, run_feature_absortion_experiment=absorption
+        ),
+    ):
+        yield
+
+
+def _absorption_skip_reason(workdir: Path, spec: SAESpec, config: Any) -> str:
+    # SAEBench writes the k-sparse-probing table before deciding, and prints its reason without raising.
+    name = spec.selection()[0] + "_" + ("custom_sae" if spec.sae is not None else str(spec.sae_id))
+    table = absorption_results_dir(workdir) / f"{name}_k_sparse_probing.json".replace("/", "_")
+    if not table.exists():
+        return "SAEBench stopped before its k-sparse probing finished"
+    f1 = [row["f1_probe"] for row in json.loads(table.read_text())]
+    passed = sum(value > config.min_GT_probe_f1 for value in f1)
+    return (
+        f"SAEBench skipped it: only {passed} of {len(f1)} first-letter probes on the model reach "
+        f"F1 > {config.min_GT_probe_f1} (it needs {config.min_feats_for_eval}, absorption.min_feats_for_eval)"
+    )
+
+
+def _no_reason(spec: SAESpec) -> str:
+    return "SAEBench skipped it without saying why"
+
+
+def check_results(
+    eval_id: str,
+    saes: Sequence[SAESpec],
+    eval_dir: Path,
+    started: float,
+    force_rerun: bool,
+    explain: Callable[[SAESpec], str],
+) -> None:
+    """Fail unless SAEBench wrote a result with finite metrics for every SAE (in this run, under force-rerun)."""
+    for spec in saes:
+        path = spec.result_path(eval_dir)
+        if not path.exists():
+            raise EvalError(f"{eval_id}: no result for {spec.name} ({path}); {explain(spec)}")
+        if path.stat().st_mtime < started:
+            if force_rerun:
+                raise EvalError(f"{eval_id}: SAEBench kept an old result for {spec.name} ({path})")
+            print(f"{eval_id}: reusing the existing result for {spec.name} ({path})")
+        metrics = json.loads(path.read_text())["eval_result_metrics"]
+        bad = {
+            f"{category}.{key}": value
+            for category, values in metrics.items()
+            for key, value in values.items()
+            if isinstance(value, float) and not math.isfinite(value)
+        }
+        if bad:
+            raise EvalError(f"{eval_id}: SAEBench returned non-finite metrics for {spec.name}: {bad}")
+
+
+def build_model(model_name: str, saes: Sequence[SAESpec], dtype: str, device: str) -> Any:
+    """The model SAEBench's evals get, built once for all of them (and before seeding, so that every eval
+    starts from the same RNG state whichever evals run together).
+
+    A local id (e.g. smollm2-135m-instruct-q4_1) is built offline with only the blocks up to the deepest hook:
+    these four evals read hook activations only, never logits. Any other name is loaded exactly as SAEBench
+    loads it, with TransformerLens' `from_pretrained_no_processing`.
+    """
+    if not is_local_model(model_name):
+        from transformer_lens import HookedTransformer
+
+        return HookedTransformer.from_pretrained_no_processing(model_name, device=device, dtype=getattr(torch, dtype))
+    hooks = [str(s.sae.cfg.metadata.hook_name) if s.sae is not None else "" for s in saes]
+    layers = [int(m.group(1)) for hook in hooks if (m := re.match(r"blocks\.(\d+)\.", hook))]
+    first_n_layers = max(layers) + 1 if len(layers) == len(saes) else None
+    return load_local_model(model_name, first_n_layers=first_n_layers, device=device, dtype=getattr(torch, dtype))
+
+
+def probe_vocabulary(vocab: Sequence[str], size: int, seed: int, min_per_letter: int = 20) -> list[str]:
+    """A reproducible subset of about `size` of SAEBench's first-letter vocabulary `vocab`.
+
+    Each first letter keeps its share of `size` but at least `min_per_letter` tokens (or all it has), so that
+    SAEBench's random 80/20 train/test split still has every letter on both sides (its metrics need both).
+    """
+    by_letter: dict[str, list[str]] = {}
+    for token in sorted(vocab):
+        by_letter.setdefault(token.strip()[0].lower(), []).append(token)
+    rng = random.Random(seed)
+    subset = []
+    for _letter, tokens in sorted(by_letter.items()):
+        quota = max(min_per_letter, round(size * len(tokens) / len(vocab)))
+        subset += rng.sample(tokens, min(quota, len(tokens)))
+    return subset
+
+
+@contextmanager
+def _probe_vocabulary_size(size: int | None, seed: int) -> Iterator[None]:
+    # SAEBench trains its first-letter probe on every alphabetic token of the vocabulary (about 47,000
+    # prompts for SmolLM2: an hour on 2 CPU cores); the vocabulary function of its probe-training module is
+    # the one place that decides that.
+    if size is None:
+        yield
+        return
+    import sae_bench.evals.absorption.common as common
+
+    full = common.get_alpha_tokens
+    with mock.patch.object(common, "get_alpha_tokens", lambda tokenizer: probe_vocabulary(full(tokenizer), size, seed)):
+        yield
+
+
+def train_absorption_probes(
+    model: Any, saes: Sequence[SAESpec], config: Any, workdir: Path, device: str, vocab_size: int | None
+) -> None:
+    """Train SAEBench's first-letter probe for each hook layer with SAEBench's own function, unless it is
+    cached already, before its `run_eval` (which then loads it from the cache, as for every SAE after the first).
+
+    Training it first keeps the probe's random draws out of the seeded `run_eval`, so an SAE's absorption
+    result does not depend on whether the probe was already cached; `vocab_size` trains it on a subset of
+    the vocabulary (see `probe_vocabulary`).
+    """
+    from sae_bench.evals.absorption.common import load_or_train_probe
+
+    layers = sorted({_hook_layer(spec.sae) for spec in saes if spec.sae is not None})
+    with _probe_vocabulary_size(vocab_size, config.random_seed):
+        _seed(config.random_seed)
+        for layer in layers:
+            load_or_train_probe(
+                model,
+                base_template=config.prompt_template,
+                pos_idx=config.prompt_token_pos,
+                layer=layer,
+                probes_dir=absorption_results_dir(workdir) / "probes",
+                device=device,
+            )
+
+
+def run_evals(
+    saes: Sequence[SAESpec],
+    evals: Sequence[str],
+    model_name: str,
+    out: Path,
+    *,
+    device: str,
+    overrides: dict[str, dict[str, Any]],
+    datasets_dir: Path | None = None,
+    force_rerun: bool = True,
+    absorption_vocab_size: int | None = None,
+) -> dict[str, str]:
+    """Run SAEBench's evals on `saes` and check every result; return the datasets served from local copies.
+
+    SAEBench writes its results to `out/<eval type id>/` and its artifacts to `out/saebench/<model>/`
+    (emptied first under `force_rerun`, so no probe or cached activation from an earlier run is reused).
+    """
+    from sae_bench.evals.absorption import main as absorption_main
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+    from sae_bench.evals.scr_and_tpp import main as scr_tpp_main
+    from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
+
+    workdir = out / "saebench" / re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
+    if force_rerun and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs: list[tuple[str, Any, Any, Path]] = []
+    if "absorption" in evals or "splitting" in evals:
+        for spec in saes:
+            if spec.sae is not None:
+                _hook_layer(spec.sae)
+        config = _eval_config(
+            AbsorptionEvalConfig,
+            "absorption",
+            overrides["absorption"],
+            model_name=model_name,
+            **_default_llm_settings(model_name, AbsorptionEvalConfig().llm_batch_size),
+        )
+        runs.append((ABSORPTION_ID, config, absorption_main, out / ABSORPTION_ID))
+    for eval_name, eval_id in (("scr", SCR_ID), ("tpp", TPP_ID)):
+        if eval_name in evals:
+            config = _eval_config(
+                ScrAndTppEvalConfig,
+                eval_name,
+                overrides[eval_name],
+                model_name=model_name,
+                perform_scr=eval_name == "scr",
+                **_default_llm_settings(model_name, None),
+            )
+            runs.append((eval_id, config, scr_tpp_main, out / eval_id))
+
+    models = {config.llm_dtype: build_model(model_name, saes, config.llm_dtype, device) for _, config, _, _ in runs}
+    served: dict[str, str] = {}
+    selected = [spec.selection() for spec in saes]
+    for eval_id, config, module, eval_dir in runs:
+        print(f"== SAEBench {eval_id} on {len(saes)} SAE(s), model {model_name}", flush=True)
+        started = time.time()
+        with ExitStack() as stack:
+            stack.enter_context(serve_model(module, model_name, models))
+            if eval_id == ABSORPTION_ID:
+                train_absorption_probes(models[config.llm_dtype], saes, config, workdir, device, absorption_vocab_size)
+                stack.enter_context(absorption_artifacts_in(workdir))
+                eval_dir.mkdir(parents=True, exist_ok=True)  # SAEBench's absorption CLI makes it, run_eval does not
+                _seed(config.random_seed)
+                module.run_eval(config, selected, device, str(eval_dir), force_rerun=force_rerun)
+                explain: Callable[[SAESpec], str] = partial(_absorption_skip_reason, workdir, config=config)
+            else:
+                if datasets_dir is not None:
+                    stack.enter_context(serve_datasets(datasets_dir, served))
+                _seed(config.random_seed)
+                module.run_eval(
+                    config, selected, device, str(out), force_rerun=force_rerun, artifacts_path=str(workdir)
+                )
+                explain = _no_reason
+        check_results(eval_id, saes, eval_dir, started, force_rerun, explain)
+    return served
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def summary_rows(saes: Sequence[SAESpec], evals: Sequence[str], out: Path) -> list[dict[str, Any]]:
+    """One row per SAE: its architecture, k, L0 and FVE (from training_summary.json) and SAEBench's metrics."""
+    wanted = {metric for name in evals for metric in EVAL_METRICS[name]}
+    rows = []
+    for spec in saes:
+        results = {
+            eval_id: json.loads(path.read_text())
+            for eval_id in (ABSORPTION_ID, SCR_ID, TPP_ID)
+            if (path := spec.result_path(out / eval_id)).exists()
+        }
+        sae_cfg = next(iter(results.values()))["sae_cfg_dict"] if results else {}
+        summary = spec.training_summary
+        row: dict[str, Any] = {
+            "SAE": spec.name,
+            "architecture": summary.get("architecture") or sae_cfg.get("architecture"),
+            "k": _number(summary.get("k", sae_cfg.get("k"))),
+            "L0": _number(summary.get("mean_l0")),
+            "FVE": _number(summary.get("fve")),
+        }
+        for metric, (eval_id, category) in METRIC_SOURCES.items():
+            value = results[eval_id]["eval_result_metrics"][category][metric] if metric in wanted else None
+            row[metric] = _number(value)
+        rows.append(row)
+    return rows
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:g}" if value == int(value) else f"{value:.4f}"
+    return str(value)
+
+
+def write_summary(
+    rows: Sequence[dict[str, Any]],
+    out: Path,
+    *,
+    model_name: str,
+    saes: Sequence[SAESpec],
+    served: dict[str, str],
+    notes: Sequence[str] = (),
+) -> tuple[Path, Path]:
+    """Write `summary.csv` and `summary.md` (with the model, hooks, dataset provenance and any departures
+    from SAEBench's defaults in `notes`); return both paths."""
+    csv_path, md_path = out / "summary.csv", out / "summary.md"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+        writer.writeheader()
+        writer.writerows({key: _format(row[key]) for key in TABLE_COLUMNS} for row in rows)
+    hooks = sorted({str(s.sae.cfg.metadata.hook_name) for s in saes if s.sae is not None})
+    lines = [
+        f"# SAEBench results: {model_name}" + (f", {', '.join(hooks)}" if hooks else ""),
+        "",
+        "L0 and FVE come from each checkpoint's training_summary.json; every other column is SAEBench's own "
+        "metric, from the JSON files beside this table.",
+    ]
+    lines += [f"\nSCR/TPP dataset {name}: {note}" for name, note in sorted(served.items())]
+    lines += [f"\n{note}" for note in notes]
+    lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(_format(row[key]) for key in TABLE_COLUMNS) + " |" for row in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def plot_metrics(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """One PNG per metric against L0, a line per architecture; rows without L0 or the metric are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for metric in METRIC_SOURCES:
+        points = [r for r in rows if r["L0"] is not None and r[metric] is not None]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arch in sorted({str(r["architecture"]) for r in points}):
+            mine = sorted((r for r in points if str(r["architecture"]) == arch), key=lambda r: r["L0"])
+            ax.plot([r["L0"] for r in mine], [r[metric] for r in mine], marker="o", label=arch)
+        ax.set_xlabel("L0 (mean active latents)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"SAEBench {metric}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{metric}_vs_L0.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def copy_to_checkpoints(saes: Sequence[SAESpec], rows: Sequence[dict[str, Any]], out: Path, model_name: str) -> None:
+    """Copy each checkpoint's SAEBench results and its summary row into `<checkpoint>/eval/`."""
+    for spec, row in zip(saes, rows, strict=True):
+        if spec.checkpoint is None:
+            continue
+        target = spec.checkpoint / "eval"
+        target.mkdir(exist_ok=True)
+        for eval_id in (ABSORPTION_ID, SCR_ID, TPP_ID):
+            if (path := spec.result_path(out / eval_id)).exists():
+                shutil.copy2(path, target / f"{eval_id}_eval_results.json")
+        (target / "summary.json").write_text(json.dumps({"model_name": model_name, **row}, indent=2) + "\n")
+
+
+def main(argv: Sequence[str]) -> None:
+    """Entry point of `sae-lens eval` (see `sae-lens eval --help`)."""
+    args = _parser().parse_args(argv)
+    try:
+        evals = _parse_evals(args.evals)
+        overrides = _override_sections(args)
+        saes = load_saes(args.sae, args.device)
+        model_name = _resolve_model(saes, args.model)
+        out = args.out.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        served = run_evals(
+            saes,
+            evals,
+            model_name,
+            out,
+            device=args.device,
+            overrides=overrides,
+            datasets_dir=args.datasets_dir.resolve() if args.datasets_dir else None,
+            force_rerun=args.force_rerun,
+            absorption_vocab_size=args.absorption_vocab_size,
+        )
+    except EvalError as err:
+        raise SystemExit(f"sae-lens eval: error: {err}") from None
+    rows = summary_rows(saes, evals, out)
+    notes = [f"SAEBench config set by this run (--set/--eval-config): {overrides}"] if any(overrides.values()) else []
+    if args.absorption_vocab_size is not None:
+        notes.append(
+            f"Absorption/splitting: SAEBench's first-letter probe was trained on about "
+            f"{args.absorption_vocab_size} of the model's alphabetic tokens (--absorption-vocab-size), not all."
+        )
+    _, md_path = write_summary(rows, out, model_name=model_name, saes=saes, served=served, notes=notes)
+    plot_metrics(rows, out)
+    if args.checkpoint_eval:
+        copy_to_checkpoints(saes, rows, out, model_name)
+    print(md_path.read_text())

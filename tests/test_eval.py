@@ -1,0 +1,301 @@
+"""`sae-lens eval`: SAEBench's own absorption, splitting, SCR and TPP, through the console script, on SAEs trained
+on the real SmolLM2-135M (a shallow layer, so that 2 CPU cores finish in minutes)."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import sae_bench
+import torch
+from datasets import Dataset, DatasetDict, DatasetInfo
+from sae_lens import SAE
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+from softsae_plugin.evaluate import (
+    ABSORPTION_ID,
+    SCR_ID,
+    TABLE_COLUMNS,
+    TPP_ID,
+    EvalError,
+    SAESpec,
+    check_results,
+    probe_vocabulary,
+    serve_datasets,
+)
+from softsae_plugin.smollm2 import SMOLLM2_ID
+
+REPO = Path(__file__).resolve().parents[1]
+SAE_LENS = str(Path(sys.executable).with_name("sae-lens"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+HOOK = "blocks.2.hook_resid_post"
+# SAEBench's absorption trains its first-letter probe on every alphabetic token (about 47,000 prompts for
+# SmolLM2, an hour on 2 cores); the tests use a 520-token subset, a short prompt and fewer probe epochs. The
+# low min_feats_for_eval keeps SAEBench from skipping on a probe trained on so few words.
+ABSORPTION_ARGS = [
+    "--absorption-vocab-size", "520",
+    "--set", "absorption.prompt_template={word}:",
+    "--set", "absorption.prompt_token_pos=-2",
+    "--set", "absorption.max_k_value=3",
+    "--set", "absorption.k_sparse_probe_num_epochs=10",
+    "--set", "absorption.min_feats_for_eval=3",
+]  # fmt: skip
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([SAE_LENS, *args], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd)
+
+
+def train(out: Path, architecture: str) -> Path:
+    config = REPO / "configs" / f"smollm2-eval-{architecture}.yaml"
+    result = run_cli(
+        "train", "--config", str(config), "--hook_name", HOOK, "--d_sae", "576", "--k", "8",
+        "--training_tokens", str(24 * 512), "--lr_decay_steps", "5", "--output_path", str(out), cwd=out.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("saes")
+    return {arch: train(root / arch, arch) for arch in ("topk", "softsae")}
+
+
+def metrics(path: Path) -> dict:
+    return json.loads(path.read_text())["eval_result_metrics"]
+
+
+def files_changed_since(folder: Path, since: float) -> list[Path]:
+    # Python's own bytecode cache aside.
+    return [p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.stat().st_mtime >= since]
+
+
+@pytest.fixture(scope="module")
+def absorption_run(checkpoints, tmp_path_factory):
+    out, cwd = tmp_path_factory.mktemp("absorption"), tmp_path_factory.mktemp("cwd")
+    started = time.time()
+    result = run_cli(
+        "eval", "--evals", "absorption,splitting", "--sae", str(checkpoints["topk"]), "--sae",
+        str(checkpoints["softsae"]), "--out", str(out), *ABSORPTION_ARGS, cwd=cwd,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"out": out, "cwd": cwd, "started": started, "stdout": result.stdout}
+
+
+@pytest.mark.slow
+def test_absorption_and_splitting_on_softsae_and_topk(absorption_run, checkpoints):
+    out = absorption_run["out"]
+    for name in ("topk", "softsae"):
+        mean = metrics(out / ABSORPTION_ID / f"{name}_custom_sae_eval_results.json")["mean"]
+        assert math.isfinite(mean["mean_absorption_fraction_score"]), name
+        assert 0 <= mean["mean_absorption_fraction_score"] <= 1, name
+        assert math.isfinite(mean["mean_num_split_features"]) and mean["mean_num_split_features"] >= 1, name
+        copied = checkpoints[name] / "eval" / f"{ABSORPTION_ID}_eval_results.json"
+        assert metrics(copied)["mean"] == mean
+        row = json.loads((checkpoints[name] / "eval" / "summary.json").read_text())
+        assert row["model_name"] == SMOLLM2_ID and row["mean_num_split_features"] == mean["mean_num_split_features"]
+    lines = (out / "summary.csv").read_text().splitlines()
+    assert lines[0].split(",") == list(TABLE_COLUMNS)
+    rows = {line.split(",")[0]: dict(zip(TABLE_COLUMNS, line.split(","), strict=True)) for line in lines[1:]}
+    assert rows["softsae"]["architecture"] == "softsae" and rows["topk"]["architecture"] == "topk"
+    assert float(rows["topk"]["L0"]) == 8 and math.isfinite(float(rows["softsae"]["FVE"]))
+    assert rows["topk"]["scr_metric_threshold_2"] == ""  # not run
+    assert "| softsae |" in (out / "summary.md").read_text()
+    for metric in ("mean_absorption_fraction_score", "mean_num_split_features"):
+        assert (out / f"{metric}_vs_L0.png").stat().st_size > 1000
+    # Every artifact lands in the output folder: none in SAEBench's package, none in the working directory.
+    assert not files_changed_since(Path(sae_bench.__file__).parent, absorption_run["started"])
+    assert not list(absorption_run["cwd"].iterdir())
+    assert (out / "saebench" / SMOLLM2_ID / "artifacts" / "absorption" / "probes" / SMOLLM2_ID / "layer_2").is_dir()
+
+
+REFERENCE = """
+import json, random, shutil, sys
+from pathlib import Path
+from unittest import mock
+import numpy as np, torch
+import sae_bench
+from sae_bench.evals.absorption import main as absorption_main
+from sae_bench.evals.absorption.common import PROBES_DIR
+from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+from sae_lens import SAE
+from transformer_lens import HookedTransformer
+import softsae_plugin
+from softsae_plugin.smollm2 import load_smollm2
+
+copy, checkpoint, probes, ours, out = sys.argv[1:]
+assert Path(sae_bench.__file__).is_relative_to(copy), sae_bench.__file__
+model = load_smollm2(first_n_layers=3)
+sae = SAE.load_from_disk(checkpoint)
+shutil.copytree(probes, PROBES_DIR)  # the same first-letter probe, in SAEBench's own cache location
+config = AbsorptionEvalConfig(**json.loads(Path(ours).read_text())["eval_config"])
+random.seed(config.random_seed); np.random.seed(config.random_seed); torch.manual_seed(config.random_seed)
+with mock.patch.object(HookedTransformer, "from_pretrained_no_processing", return_value=model):
+    absorption_main.run_eval(config, [("topk", sae)], "cpu", out, force_rerun=True)
+"""
+
+
+@pytest.mark.slow
+def test_adapter_leaves_saebench_absorption_unchanged(absorption_run, checkpoints, tmp_path):
+    """The same TopK SAE, model and probe through SAEBench's own run_eval (an unmodified copy of the installed
+    package, so that its default artifact folders are writable) give the same metrics as `sae-lens eval`."""
+    copy = tmp_path / "site"
+    shutil.copytree(Path(sae_bench.__file__).parent, copy / "sae_bench", ignore=shutil.ignore_patterns("__pycache__"))
+    ours = absorption_run["out"] / ABSORPTION_ID / "topk_custom_sae_eval_results.json"
+    probes = absorption_run["out"] / "saebench" / SMOLLM2_ID / "artifacts" / "absorption" / "probes"
+    result = subprocess.run(
+        [sys.executable, "-c", REFERENCE, str(copy), str(checkpoints["topk"]), str(probes), str(ours), str(tmp_path)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**ENV, "PYTHONPATH": str(copy)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = json.loads((tmp_path / "topk_custom_sae_eval_results.json").read_text())
+    mine = json.loads(ours.read_text())
+    assert reference["eval_result_metrics"]["mean"] == pytest.approx(mine["eval_result_metrics"]["mean"])
+    assert len(reference["eval_result_details"]) == len(mine["eval_result_details"]) > 0
+    for theirs, same in zip(reference["eval_result_details"], mine["eval_result_details"], strict=True):
+        assert theirs.pop("first_letter") == same.pop("first_letter")
+        assert theirs == pytest.approx(same)
+
+
+@pytest.mark.slow
+def test_absorption_skip_fails_loudly(absorption_run, checkpoints):
+    """SAEBench skips absorption (printing a message, writing nothing) when too few first-letter probes pass;
+    `sae-lens eval` must fail and say why. Reuses the first run's probes and k-sparse probing (no force-rerun)."""
+    out = absorption_run["out"]
+    (out / ABSORPTION_ID / "topk_custom_sae_eval_results.json").unlink()
+    result = run_cli(
+        "eval", "--evals", "absorption", "--sae", str(checkpoints["topk"]), "--out", str(out), "--no-force-rerun",
+        "--no-checkpoint-eval", *ABSORPTION_ARGS, "--set", "absorption.min_feats_for_eval=27", cwd=out,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "no result for topk" in result.stderr and "first-letter probes on the model reach F1" in result.stderr
+    assert "it needs 27" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline_check_datasets(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("datasets")
+    script = REPO / "eval" / "make_pipeline_check_datasets.py"
+    result = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True,
+                            timeout=300, env=ENV)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_scr_and_tpp_on_pipeline_check_datasets(checkpoints, pipeline_check_datasets, tmp_path):
+    # One SCR class pair and one TPP dataset keep this short; the committed run uses SAEBench's full lists.
+    config = tmp_path / "small.yaml"
+    config.write_text(
+        "scr:\n  dataset_names: [LabHC/bias_in_bios_class_set1]\n"
+        "  column1_vals_lookup: {LabHC/bias_in_bios_class_set1: [[professor, nurse]]}\n"
+        "tpp:\n  dataset_names: [canrager/amazon_reviews_mcauley_1and5]\n"
+    )
+    out = tmp_path / "out"
+    result = run_cli(
+        "eval", "--evals", "scr,tpp", "--sae", str(checkpoints["softsae"]), "--out", str(out),
+        "--datasets-dir", str(pipeline_check_datasets),
+        "--eval-config", str(REPO / "eval" / "pipeline_check_eval_config.yaml"), "--eval-config", str(config),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scr = metrics(out / SCR_ID / "softsae_custom_sae_eval_results.json")["scr_metrics"]
+    tpp = metrics(out / TPP_ID / "softsae_custom_sae_eval_results.json")["tpp_metrics"]
+    assert math.isfinite(scr["scr_metric_threshold_2"]) and math.isfinite(tpp["tpp_threshold_10_total_metric"])
+    # The probes SAEBench trains on the model's activations learn the written-in labels.
+    settings = json.loads((out / TPP_ID / "softsae_custom_sae_eval_results.json").read_text())
+    assert settings["eval_config"]["train_set_size"] == 200
+    summary = (out / "summary.md").read_text()
+    assert "PIPELINE CHECK ONLY" in summary and "canrager/amazon_reviews_mcauley_1and5" in summary
+    assert (out / "scr_metric_threshold_2_vs_L0.png").exists()
+
+
+def test_help_names_each_eval():
+    result = subprocess.run([SAE_LENS, "eval", "--help"], capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 0
+    for name in ("absorption", "splitting", "scr", "tpp", "mean_num_split_features", "--datasets-dir"):
+        assert name in result.stdout, name
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    cfg = TopKSAEConfig(d_in=576, d_sae=600, k=4, metadata=SAEMetadata(model_name=SMOLLM2_ID, hook_name=HOOK))
+    TopKSAE(cfg).save_model(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--evals", "absorption,spelling"], "unknown eval"),
+        (["--set", "absorption.k_sparse_probe_epochs=3"], "did you mean 'k_sparse_probe_num_epochs'"),
+        (["--set", "scr.model_name=gpt2"], "set by sae-lens eval itself"),
+        (["--set", "splitting.max_k_value=3"], "computed by the absorption eval"),
+        (["--model", "gemma-2-2b"], "trained on other models"),
+    ],
+)
+def test_bad_options_are_clear_errors(tiny_checkpoint, tmp_path, args, message):
+    from softsae_plugin.evaluate import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["--sae", str(tiny_checkpoint), "--out", str(tmp_path / "out"), *args])
+
+
+def test_a_result_saebench_kept_from_an_earlier_run_is_an_error(tiny_checkpoint, tmp_path):
+    spec = SAESpec(name="tiny", sae=SAE.load_from_disk(str(tiny_checkpoint)))
+    path = spec.result_path(tmp_path)
+    path.write_text(json.dumps({"eval_result_metrics": {"mean": {"x": 1.0}}}))
+    with pytest.raises(EvalError, match="kept an old result"):
+        check_results("absorption", [spec], tmp_path, time.time() + 10, True, lambda _: "")
+    check_results("absorption", [spec], tmp_path, time.time() + 10, False, lambda _: "")  # reuse is allowed
+    path.write_text(json.dumps({"eval_result_metrics": {"mean": {"x": float("nan")}}}))
+    with pytest.raises(EvalError, match="non-finite"):
+        check_results("absorption", [spec], tmp_path, 0, True, lambda _: "")
+    with pytest.raises(EvalError, match=r"no result for other \(.*\); why"):
+        check_results("absorption", [SAESpec(name="other", sae=spec.sae)], tmp_path, 0, True, lambda _: "why")
+
+
+def test_probe_vocabulary_is_a_reproducible_subset_with_every_letter():
+    vocab = [f"{letter}{i}" for letter in "abcdefghijklmnopqrstuvwxyz" for i in range(300 if letter in "st" else 30)]
+    subset = probe_vocabulary(vocab, 520, seed=0)
+    assert subset == probe_vocabulary(list(reversed(vocab)), 520, seed=0)
+    assert set(subset) <= set(vocab) and len(set(subset)) == len(subset)
+    counts = {letter: sum(t.startswith(letter) for t in subset) for letter in "abcdefghijklmnopqrstuvwxyz"}
+    assert min(counts.values()) == 20 and counts["s"] > counts["a"]
+
+
+def test_datasets_are_served_from_local_copies_only(tmp_path):
+    import sae_bench.evals.scr_and_tpp.dataset_creation as scr_data
+    import sae_bench.sae_bench_utils.dataset_utils as tpp_data
+
+    info = DatasetInfo(description="written for a test")
+    split = Dataset.from_dict({"text": ["a", "b"], "rating": [1.0, 5.0]}, info=info)
+    DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "owner" / "reviews"))
+    served: dict[str, str] = {}
+    with serve_datasets(tmp_path, served):
+        assert scr_data.load_dataset("owner/reviews")["train"]["text"] == ["a", "b"]
+        assert tpp_data.load_dataset("owner/reviews", split="test")["rating"] == [1.0, 5.0]
+        with pytest.raises(EvalError, match=r"no copy of owner/other: expected .*owner/other"):
+            tpp_data.load_dataset("owner/other")
+    assert served == {"owner/reviews": "written for a test"}
+    assert scr_data.load_dataset is tpp_data.load_dataset is datasets.load_dataset  # restored afterwards
+
+
+def test_saebench_reads_softsae_hook_and_layer_from_metadata():
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+
+    from softsae_plugin import SoftSAE, SoftSAEConfig
+
+    sae = SoftSAE(SoftSAEConfig(d_in=16, d_sae=64, k=4, metadata=SAEMetadata(model_name="m", hook_name=HOOK)))
+    _, formatted, _ = load_and_format_sae("soft", sae, "cpu")
+    assert formatted.cfg.hook_layer == 2 and formatted.cfg.hook_name == HOOK
+    x = torch.randn(3, 5, 16)
+    assert formatted.to(dtype=torch.bfloat16).encode(x.bfloat16()).shape == (3, 5, 64)
