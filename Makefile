@@ -22,12 +22,12 @@ quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/sae-lens train --config configs/quickstart.yaml
 
 test: $(STAMP)
-	$(BIN)/ruff check softsae_plugin tests eval
+	$(BIN)/ruff check softsae_plugin softsae_plugin_autoload.py hatch_build.py tests eval
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
-	$(BIN)/ruff check softsae_plugin tests eval
-	$(BIN)/ruff format --check softsae_plugin tests eval
+	$(BIN)/ruff check softsae_plugin softsae_plugin_autoload.py hatch_build.py tests eval
+	$(BIN)/ruff format --check softsae_plugin softsae_plugin_autoload.py hatch_build.py tests eval
 
 clean:
 	rm -rf $(VENV) artifacts runs
