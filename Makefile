@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test lint clean
+.PHONY: setup quickstart reproduce test lint clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/sae-lens train --config configs/quickstart.yaml
+
+# Issue 6: every section of the paper's claims offline on real data -> eval/REPORT.md, eval/report/*.png (~1 h).
+reproduce: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python eval/reproduce.py --out eval/report
 
 test: $(STAMP)
 	$(BIN)/ruff check softsae_plugin softsae_plugin_autoload.py hatch_build.py tests eval

@@ -1,0 +1,124 @@
+"""eval/reproduce.py (issue 6): its pure helpers, and the whole command at its smoke-test scale."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "eval" / "reproduce.py"
+ARCHITECTURES = ("softsae", "topk", "batchtopk", "matryoshka_batchtopk")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+reproduce = _load_script()
+
+
+def test_matched_fve_interpolates_inside_the_sweep():
+    fve, extrapolated = reproduce.matched_fve(15.0, [20.0, 10.0, 40.0], [0.8, 0.7, 0.9])
+    assert fve == pytest.approx(0.75) and not extrapolated
+    assert reproduce.matched_fve(10.0, [10.0, 20.0], [0.7, 0.8]) == (pytest.approx(0.7), False)
+
+
+def test_matched_fve_extends_the_nearest_segment_outside_the_sweep():
+    # np.interp would clamp to 0.7 and 0.9; the nearest segment's line is extended instead.
+    below, flagged_below = reproduce.matched_fve(5.0, [10.0, 20.0, 40.0], [0.7, 0.8, 0.9])
+    above, flagged_above = reproduce.matched_fve(60.0, [10.0, 20.0, 40.0], [0.7, 0.8, 0.9])
+    assert below == pytest.approx(0.65) and flagged_below
+    assert above == pytest.approx(1.0) and flagged_above
+
+
+@pytest.mark.parametrize(("l0s", "fves"), [([10.0], [0.5]), ([10.0, 20.0], [0.5])])
+def test_matched_fve_rejects_a_sweep_it_cannot_interpolate(l0s, fves):
+    with pytest.raises(ValueError, match="matched_fve: expected >= 2 reference points"):
+        reproduce.matched_fve(12.0, l0s, fves)
+
+
+def test_synthetic_inputs_hold_exactly_their_true_count_of_directions():
+    # With more dimensions than directions the coefficients are recoverable by least squares.
+    x, counts, directions = reproduce.synthetic_activations(500, 48, 24, 6, seed=3, normalise=False)
+    assert counts.min() >= 1 and counts.max() <= 6 and set(counts.tolist()) == set(range(1, 7))
+    coefficients = torch.linalg.lstsq(directions.T.double(), x.T.double()).solution.T
+    assert torch.equal((coefficients.abs() > 1e-6).sum(-1), counts)
+    used = coefficients[coefficients.abs() > 1e-6]
+    assert used.min() >= 0.5 - 1e-6 and used.max() <= 1.5 + 1e-6
+    assert torch.allclose(directions.norm(dim=-1), torch.ones(24))
+
+
+def test_normalised_synthetic_inputs_share_one_norm_and_keep_the_same_counts():
+    x, counts, _ = reproduce.synthetic_activations(300, 16, 32, 8, seed=0, normalise=True)
+    _, natural_counts, _ = reproduce.synthetic_activations(300, 16, 32, 8, seed=0, normalise=False)
+    assert torch.allclose(x.norm(dim=-1), torch.full((300,), 4.0))
+    assert torch.equal(counts, natural_counts)
+
+
+def test_synthetic_activations_rejects_a_count_above_the_directions():
+    with pytest.raises(ValueError, match="max_count=9"):
+        reproduce.synthetic_activations(10, 4, 8, 9, seed=0, normalise=False)
+
+
+def test_dictionary_recovery_is_one_for_the_same_directions_in_any_order_and_scale():
+    directions = torch.nn.functional.normalize(torch.randn(10, 6, generator=torch.Generator().manual_seed(1)), dim=-1)
+    decoder = torch.cat([3 * directions.flip(0), torch.randn(5, 6)])
+    assert reproduce.dictionary_recovery(directions, decoder) == pytest.approx(1.0)
+    assert reproduce.dictionary_recovery(directions, torch.randn(10, 6)) < 1.0
+
+
+def test_split_sentences_keeps_whole_sentences_of_the_allowed_length():
+    text = 'Short one. This sentence has exactly six words. "Quoted text starts here and goes on." Too few!'
+    assert reproduce.split_sentences(text) == [
+        "This sentence has exactly six words.",
+        '"Quoted text starts here and goes on."',
+    ]
+
+
+def test_scales_share_every_section_and_the_full_scale_meets_the_issue():
+    full = reproduce.SCALES["full"]
+    assert full.emb_d_sae_factor == 8 and len(full.emb_ks) >= 4 and len(full.lm_ks) >= 3 and len(full.lrs) >= 3
+    assert set(reproduce.SCALES) == {"tiny", "full"}
+
+
+@pytest.mark.slow
+def test_tiny_reproduction_writes_the_report_plots_and_finite_tables(tmp_path):
+    out, report = tmp_path / "report", tmp_path / "REPORT.md"
+    command = [sys.executable, str(SCRIPT), "--scale", "tiny", "--threads", "1", "--out", str(out), "--report",
+               str(report), "--work", str(tmp_path / "work")]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    text = report.read_text()
+    for heading in ("## f. Goals", "## a. Embedding", "## b. Language-model", "## c. Sparsity", "## d. Adaptivity",
+                    "## e. Ablations"):  # fmt: skip
+        assert heading in text
+    before_adaptivity = text.split("## d. Adaptivity")[0]
+    cells = [
+        cell.strip() for line in before_adaptivity.splitlines() if line.startswith("|") for cell in line.split("|")
+    ]
+    assert "nan" not in cells
+    for png in ("embedding_frontier", "lm_frontier", "embedding_k_hat", "lm_k_hat", "synthetic_k_hat"):
+        assert (out / f"{png}.png").stat().st_size > 1000
+        assert f"report/{png}.png" in text  # linked relative to the report
+    results = json.loads((out / "results.json").read_text())
+    for setting, ks in (("emb", reproduce.SCALES["tiny"].emb_ks), ("lm", reproduce.SCALES["tiny"].lm_ks)):
+        for arch in ARCHITECTURES:
+            for k in ks:
+                summary = results[setting]["main"][f"{arch} {k}"]["summary"]
+                assert math.isfinite(summary["fve"]) and summary["mean_l0"] > 0, (setting, arch, k)
+                if setting == "lm":
+                    assert math.isfinite(results[setting]["main"][f"{arch} {k}"]["recovered"]["ce_loss_score"])
+    for name in ("natural", "normalised"):
+        assert -1 <= results["synth"][name]["spearman"] <= 1
+    assert set(results["emb"]["ablations"]) == {"default", "tau anneal off", "target-k anneal off",
+                                                "hard final phase off"}  # fmt: skip
