@@ -31,6 +31,7 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+from tqdm.auto import tqdm
 from typing_extensions import override
 
 import softsae_plugin  # noqa: F401  (registers softsae before the runner reads the registry)
@@ -163,6 +164,7 @@ def _train(argv: Sequence[str]) -> None:
     own.add_argument("--config", help="a YAML file of runner options (see configs/)")
     own.add_argument("--activations", help="train on a file of activation vectors instead of a language model")
     own.add_argument("--resume", help="continue the run that wrote this checkpoint folder")
+    own.add_argument("--exact_resume", action="store_true")
     own.add_argument("--skip_nonfinite_rows", action="store_true")
     known, rest = own.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
@@ -174,7 +176,12 @@ def _train(argv: Sequence[str]) -> None:
             "  --activations FILE     the embedding path: train on (n, d_in) vectors from .npy, .safetensors or\n"
             "                         a saved HF dataset; --training_tokens counts vectors, d_in comes from the file\n"
             "  --resume CHECKPOINT_DIR  continue the run that wrote this checkpoint (give the same options);\n"
-            "                         SAE-Lens' --resume_from_checkpoint, checked first and made exact\n"
+            "                         SAE-Lens' --resume_from_checkpoint, checked first; exact on the embedding\n"
+            "                         path, close on a language model (SAE-Lens skips ahead in the text and does\n"
+            "                         not save its shuffle buffer)\n"
+            "  --exact_resume         with --resume on a language model: recompute the activation stream up to\n"
+            "                         the checkpoint instead of skipping ahead, so the run ends exactly as an\n"
+            "                         uninterrupted one (costs the model's forward passes of the steps already done)\n"
             "  --skip_nonfinite_rows  drop activation rows holding NaN or inf and count them, instead of\n"
             "                         stopping with an error\n"
             "Model names that are local ids (e.g. smollm2-135m-instruct-q4_1) and the dataset\n"
@@ -186,6 +193,8 @@ def _train(argv: Sequence[str]) -> None:
     config = {key: value for key, value in config.items() if key not in given}
     activations = known.activations or config.get("activations")
     skip_nonfinite_rows = bool(known.skip_nonfinite_rows or config.get("skip_nonfinite_rows"))
+    if known.exact_resume and known.resume is None:
+        raise SystemExit("sae-lens train: --exact_resume needs --resume CHECKPOINT_DIR")
     args = DEFAULT_ARGS + config_to_args(config) + list(rest)
     if known.resume is not None:
         args += ["--resume_from_checkpoint", known.resume]
@@ -194,7 +203,7 @@ def _train(argv: Sequence[str]) -> None:
         return
     cfg = _parse_cfg_args(args)
     apply_nulls(cfg, config)
-    run_llm_training(cfg, skip_nonfinite_rows=skip_nonfinite_rows)
+    run_llm_training(cfg, skip_nonfinite_rows=skip_nonfinite_rows, exact_resume=known.exact_resume)
 
 
 class _GuardedRunner(LanguageModelSAETrainingRunner):
@@ -203,6 +212,11 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
     A subclass because the runner builds its `SAETrainer` inside `run()`: the one seam that sees the trainer
     before training is `run_trainer_with_interruption_handling`, and the final save is `save_final_sae`.
     Both call SAE-Lens' own methods.
+
+    With `exact_resume`, SAE-Lens' skip to the checkpoint's text position is turned off and the trainer's data
+    stream is replayed instead: the store, built and seeded as in the uninterrupted run, yields the batches
+    the run drew before its checkpoint (the count saved with it), which are discarded. The shuffle buffer and
+    the RNG behind its permutations then stand where they stood, so every later batch is the same.
     """
 
     def __init__(
@@ -211,16 +225,29 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
         *,
         skip_nonfinite_rows: bool,
         guard_state: dict[str, int],
+        exact_resume: bool = False,
         **kwargs: Any,
     ):
         super().__init__(cfg, **kwargs)
         self.skip_nonfinite_rows, self.guard_state = skip_nonfinite_rows, guard_state
+        self.exact_resume = exact_resume and cfg.resume_from_checkpoint is not None
         self.guard: FiniteBatches | None = None
+        if self.exact_resume:
+            if "batches_drawn" not in guard_state:
+                raise ValueError(
+                    f"--exact_resume: {cfg.resume_from_checkpoint} does not record how many batches its run drew "
+                    "(it was not written by `sae-lens train`); resume without --exact_resume"
+                )
+            # run() would skip the text ahead to the checkpoint's position; the replay below gets there instead.
+            self.activations_store.load_from_checkpoint = lambda checkpoint_path: None  # type: ignore[method-assign]
 
     @override
     def run_trainer_with_interruption_handling(self, trainer: SAETrainer[Any, Any]) -> TrainingSAE[Any]:
         if self.cfg.resume_from_checkpoint is not None:
             continue_from_checkpoint(trainer)
+        if self.exact_resume:
+            for _ in tqdm(range(self.guard_state["batches_drawn"]), desc="Replaying the activation stream"):
+                next(trainer.data_provider)
         self.guard = guard_trainer(trainer, skip_nonfinite_rows=self.skip_nonfinite_rows, guard_state=self.guard_state)
         return super().run_trainer_with_interruption_handling(trainer)
 
@@ -233,13 +260,16 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
             super().save_final_sae(sae, str(staged), log_feature_sparsity)
 
 
-def run_llm_training(cfg: LanguageModelSAERunnerConfig[Any], *, skip_nonfinite_rows: bool = False) -> Any:
+def run_llm_training(
+    cfg: LanguageModelSAERunnerConfig[Any], *, skip_nonfinite_rows: bool = False, exact_resume: bool = False
+) -> Any:
     """Run SAE-Lens' runner on `cfg`, with offline model and text sources where the names ask for them.
 
     Records the run length in the SAE config; checks every batch for NaN and inf (stopping with an error, or
     dropping and counting the rows with `skip_nonfinite_rows`); writes checkpoints and the output folder so
     that each appears whole; checks a `cfg.resume_from_checkpoint` before SAE-Lens loads it, and corrects
-    the step count after; writes the training summary (FVE, L0, k_hat) into the output folder.
+    the step count after (`exact_resume`: replays the activation stream, see `_GuardedRunner`); writes the
+    training summary (FVE, L0, k_hat) into the output folder.
     """
     from softsae_plugin.smollm2 import is_local_model, load_local_model
     from softsae_plugin.text import LOCAL_TEXT_ID, tokenized_english_text
@@ -268,10 +298,15 @@ def run_llm_training(cfg: LanguageModelSAERunnerConfig[Any], *, skip_nonfinite_r
             override_model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos
         )
         cfg.is_dataset_tokenized = True
+    # SAE-Lens' runner never seeds torch: its SAE initialisation and its shuffle buffer's permutations would follow
+    # whatever ran before in the process. Seeded here, after the model is built, a run is the same for the same
+    # --seed, and a resumed run's replay (exact_resume) draws the same permutations.
+    torch.manual_seed(cfg.seed)
     runner = _GuardedRunner(
         cfg,
         skip_nonfinite_rows=skip_nonfinite_rows,
         guard_state=guard_state,
+        exact_resume=exact_resume,
         override_dataset=override_dataset,
         override_model=override_model,
     )

@@ -477,31 +477,37 @@ def held_out_activations(hook_name: str) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.usefixtures("keep_signal_handlers")
 def test_language_model_run_killed_and_resumed_matches_the_uninterrupted_run(tmp_path):
-    """`sae-lens train` on SmolLM2 is killed after its last checkpoint and continued with --resume."""
+    """`sae-lens train` on SmolLM2 is killed after its last checkpoint and continued with --resume: exactly with
+    --exact_resume (the activation stream replayed), closely with SAE-Lens' own skip ahead in the text."""
     steps = 150
     args = ["train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--hook_name", "blocks.2.hook_resid_post",
             "--d_sae", "576", "--k", "16", "--k_max", "32", "--training_tokens", str(256 * steps),
             "--train_batch_size_tokens", "256", "--n_batches_in_buffer", "8", "--store_batch_size_prompts", "8",
-            "--n_batches_for_norm_estimate", "4", "--n_checkpoints", "9", "--hard_topk_steps", "10",
+            "--n_batches_for_norm_estimate", "4", "--n_checkpoints", "3",
             "--save_final_checkpoint", "true"]  # fmt: skip
-    # Killed after its last checkpoint (90%, before the hard phase of the last 10 steps): SAE-Lens does not save
-    # its activation shuffle buffer, so the resumed run trains on other batches from there on, and the shorter
-    # that stretch, the closer the final FVE (killed at 75%, the two differed by up to 0.006).
+    # Killed after its last checkpoint (75%), so the resumed runs cross into the hard phase (the last 10%).
     killed = [SAE_LENS, *args, "--checkpoint_path", str(tmp_path / "ckpt_killed"), "--output_path", str(tmp_path / "o")]
-    checkpoint = kill_after_checkpoints(killed, tmp_path / "ckpt_killed", count=9, timeout=1200)
+    checkpoint = kill_after_checkpoints(killed, tmp_path / "ckpt_killed", count=3, timeout=1200)
     assert not (tmp_path / "o").exists()
 
+    main([*args, "--checkpoint_path", str(tmp_path / "ckpt_exact"), "--output_path", str(tmp_path / "out_x"),
+          "--resume", str(checkpoint), "--exact_resume"])  # fmt: skip
     main([*args, "--checkpoint_path", str(tmp_path / "ckpt_resumed"), "--output_path", str(tmp_path / "out_r"),
           "--resume", str(checkpoint)])  # fmt: skip
     main([*args, "--checkpoint_path", str(tmp_path / "ckpt_full"), "--output_path", str(tmp_path / "out_u")])
-    finals = {run: next((tmp_path / run).glob("*/final_*")) for run in ("ckpt_resumed", "ckpt_full")}
-    assert finals["ckpt_resumed"].name == finals["ckpt_full"].name
+    runs = ("ckpt_exact", "ckpt_resumed", "ckpt_full")
+    finals = {run: next((tmp_path / run).glob("*/final_*")) for run in runs}
+    assert len({path.name for path in finals.values()}) == 1
     states = {run: torch.load(path / TRAINER_STATE_FILENAME, weights_only=True) for run, path in finals.items()}
     saes = {run: TrainingSAE.load_from_disk(path) for run, path in finals.items()}
-    assert states["ckpt_resumed"]["n_training_steps"] == states["ckpt_full"]["n_training_steps"] == steps
     for run, sae in saes.items():  # phase state: b_dec initialised once, k head frozen for the hard phase
+        assert states[run]["n_training_steps"] == steps, run
         assert bool(sae.b_dec_initialised) and bool(sae.k_head_frozen), run
         assert sae.cfg.schedule(states[run]["n_training_steps"]) == saes["ckpt_full"].cfg.schedule(steps)
+    exact, full = (load_file(tmp_path / out / SAE_WEIGHTS_FILENAME) for out in ("out_x", "out_u"))
+    assert exact.keys() == full.keys() and all(torch.equal(exact[name], full[name]) for name in full)
+    # SAE-Lens' own resume skips ahead in the text and does not save its shuffle buffer: other batches from the
+    # checkpoint on. The final FVE differed from the uninterrupted run's by up to 0.006 (on CI and here).
     x = held_out_activations("blocks.2.hook_resid_post")
     fve = {out: summarise(SAE.load_from_disk(tmp_path / out), [x])[0]["fve"] for out in ("out_r", "out_u")}
-    assert fve["out_u"] > 0.3 and abs(fve["out_r"] - fve["out_u"]) < 0.005, fve
+    assert fve["out_u"] > 0.3 and abs(fve["out_r"] - fve["out_u"]) < 0.02, fve

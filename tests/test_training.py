@@ -118,7 +118,7 @@ def test_cli_help_lists_softsae_and_its_options():
     result = subprocess.run([SAE_LENS, "train", "--architecture", "softsae", "--help"],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0
-    for flag in ("--config", "--activations", "softsae", "--k_max", "--tau_start", "--hard_topk_steps"):
+    for flag in ("--config", "--activations", "--resume", "--exact_resume", "softsae", "--k_max", "--hard_topk_steps"):
         assert flag in result.stdout, flag
 
 
