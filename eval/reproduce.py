@@ -515,6 +515,7 @@ def train_lm_run(
     )
     cfg.sae = with_run_length(cfg.sae, cfg.total_training_steps)
     start = time.perf_counter()
+    torch.manual_seed(scale.seed)  # SAE-Lens' runner never seeds: each run starts alike, whatever ran before it
     # The rows are handed over only because the store validates a dataset; activations come from the cache.
     LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=rows).run()
     seconds = time.perf_counter() - start
