@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from safetensors.torch import load_file, save_file
 
@@ -33,3 +34,12 @@ def damage_sae_files(folder: Path, how: str) -> bool:
 def damage_sae():
     """`damage_sae_files`, for tests that break an SAE folder on purpose."""
     return damage_sae_files
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of many small ops, which extra threads slow down on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,13 +15,7 @@ from softsae_plugin.lapsum import soft_topk
 FLOAT64_EPS = torch.finfo(torch.float64).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tests run many small ops, which intra-op threads slow down badly on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def laplace_cdf(z: torch.Tensor) -> torch.Tensor:

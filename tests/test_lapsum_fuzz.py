@@ -20,13 +20,7 @@ EXTREMES = [0.0, -0.0, 1e-45, -1e-45, 1e-38, 1e-30, -1e-30, 1.0, -1.0, 1e30, -1e
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Many tiny ops: intra-op threads only slow them down on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 scores = st.one_of(
