@@ -34,7 +34,9 @@ from softsae_plugin.smollm2 import SMOLLM2_ID
 
 REPO = Path(__file__).resolve().parents[1]
 SAE_LENS = str(Path(sys.executable).with_name("sae-lens"))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# One thread: multi-threaded reductions on a loaded machine can reorder sums, and the adapter test compares two
+# SAEBench runs (one letter's absorption flipped once in a fresh-clone run with the default threads).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 HOOK = "blocks.2.hook_resid_post"
 # SAEBench's absorption trains its first-letter probe on every alphabetic token (about 47,000 prompts for
 # SmolLM2, an hour on 2 cores); the tests use a 520-token subset, a short prompt and fewer probe epochs. The
