@@ -495,44 +495,50 @@ def probe_vocabulary(vocab: Sequence[str], size: int, seed: int, min_per_letter:
 
 
 @contextmanager
-def _probe_vocabulary_size(size: int | None, seed: int) -> Iterator[None]:
-    # SAEBench trains its first-letter probe on every alphabetic token of the vocabulary (about 47,000
-    # prompts for SmolLM2: an hour on 2 CPU cores); the vocabulary function of its probe-training module is
-    # the one place that decides that.
-    if size is None:
-        yield
-        return
+def absorption_vocabulary(probe_size: int | None, seed: int) -> Iterator[None]:
+    """While the block runs, SAEBench's absorption eval reads the model's alphabetic tokens in sorted order
+    (and, with `probe_size`, trains its first-letter probe on `probe_vocabulary` of them).
+
+    SAEBench lists them in the order of the tokenizer's vocabulary dict, which a fast tokenizer builds from a
+    hash map seeded afresh in every process; its seeded random draws from that list (the probe's train/test
+    split, the in-context examples of every absorption prompt) then differ from run to run. Sorting makes a
+    seeded run repeatable. The probe-training module and the absorption module each import the function.
+    """
     import sae_bench.evals.absorption.common as common
+    import sae_bench.evals.absorption.feature_absorption as feature_absorption
 
-    full = common.get_alpha_tokens
-    with mock.patch.object(common, "get_alpha_tokens", lambda tokenizer: probe_vocabulary(full(tokenizer), size, seed)):
-        yield
+    def in_order(tokenizer: Any) -> list[str]:
+        return sorted(full(tokenizer))
+
+    def for_probe(tokenizer: Any) -> list[str]:
+        return in_order(tokenizer) if probe_size is None else probe_vocabulary(full(tokenizer), probe_size, seed)
+
+    full = feature_absorption.get_alpha_tokens
+    with mock.patch.object(feature_absorption, "get_alpha_tokens", in_order):
+        with mock.patch.object(common, "get_alpha_tokens", for_probe):
+            yield
 
 
-def train_absorption_probes(
-    model: Any, saes: Sequence[SAESpec], config: Any, workdir: Path, device: str, vocab_size: int | None
-) -> None:
+def train_absorption_probes(model: Any, saes: Sequence[SAESpec], config: Any, workdir: Path, device: str) -> None:
     """Train SAEBench's first-letter probe for each hook layer with SAEBench's own function, unless it is
     cached already, before its `run_eval` (which then loads it from the cache, as for every SAE after the first).
 
     Training it first keeps the probe's random draws out of the seeded `run_eval`, so an SAE's absorption
-    result does not depend on whether the probe was already cached; `vocab_size` trains it on a subset of
-    the vocabulary (see `probe_vocabulary`).
+    result does not depend on whether the probe was already cached. Run it inside `absorption_vocabulary`.
     """
     from sae_bench.evals.absorption.common import load_or_train_probe
 
     layers = sorted({_hook_layer(spec.sae) for spec in saes if spec.sae is not None})
-    with _probe_vocabulary_size(vocab_size, config.random_seed):
-        _seed(config.random_seed)
-        for layer in layers:
-            load_or_train_probe(
-                model,
-                base_template=config.prompt_template,
-                pos_idx=config.prompt_token_pos,
-                layer=layer,
-                probes_dir=absorption_results_dir(workdir) / "probes",
-                device=device,
-            )
+    _seed(config.random_seed)
+    for layer in layers:
+        load_or_train_probe(
+            model,
+            base_template=config.prompt_template,
+            pos_idx=config.prompt_token_pos,
+            layer=layer,
+            probes_dir=absorption_results_dir(workdir) / "probes",
+            device=device,
+        )
 
 
 def run_evals(
@@ -595,7 +601,8 @@ def run_evals(
         with ExitStack() as stack:
             stack.enter_context(serve_model(module, model_name, models))
             if eval_id == ABSORPTION_ID:
-                train_absorption_probes(models[config.llm_dtype], saes, config, workdir, device, absorption_vocab_size)
+                stack.enter_context(absorption_vocabulary(absorption_vocab_size, config.random_seed))
+                train_absorption_probes(models[config.llm_dtype], saes, config, workdir, device)
                 stack.enter_context(absorption_artifacts_in(workdir))
                 eval_dir.mkdir(parents=True, exist_ok=True)  # SAEBench's absorption CLI makes it, run_eval does not
                 _seed(config.random_seed)

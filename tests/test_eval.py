@@ -34,9 +34,7 @@ from softsae_plugin.smollm2 import SMOLLM2_ID
 
 REPO = Path(__file__).resolve().parents[1]
 SAE_LENS = str(Path(sys.executable).with_name("sae-lens"))
-# One thread: multi-threaded reductions on a loaded machine can reorder sums, and the adapter test compares two
-# SAEBench runs (one letter's absorption flipped once in a fresh-clone run with the default threads).
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 HOOK = "blocks.2.hook_resid_post"
 # SAEBench's absorption trains its first-letter probe on every alphabetic token (about 47,000 prompts for
 # SmolLM2, an hour on 2 cores); the tests use a 520-token subset, a short prompt and fewer probe epochs. The
@@ -125,7 +123,7 @@ from pathlib import Path
 from unittest import mock
 import numpy as np, torch
 import sae_bench
-from sae_bench.evals.absorption import main as absorption_main
+from sae_bench.evals.absorption import feature_absorption, main as absorption_main
 from sae_bench.evals.absorption.common import PROBES_DIR
 from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
 from sae_lens import SAE
@@ -140,7 +138,11 @@ sae = SAE.load_from_disk(checkpoint)
 shutil.copytree(probes, PROBES_DIR)  # the same first-letter probe, in SAEBench's own cache location
 config = AbsorptionEvalConfig(**json.loads(Path(ours).read_text())["eval_config"])
 random.seed(config.random_seed); np.random.seed(config.random_seed); torch.manual_seed(config.random_seed)
-with mock.patch.object(HookedTransformer, "from_pretrained_no_processing", return_value=model):
+# SAEBench draws its in-context examples from the vocabulary in the tokenizer's hash order, which changes
+# from process to process; `sae-lens eval` sorts it (see absorption_vocabulary), and so does this reference.
+alpha_tokens = feature_absorption.get_alpha_tokens
+with mock.patch.object(HookedTransformer, "from_pretrained_no_processing", return_value=model), \
+        mock.patch.object(feature_absorption, "get_alpha_tokens", lambda tokenizer: sorted(alpha_tokens(tokenizer))):
     absorption_main.run_eval(config, [("topk", sae)], "cpu", out, force_rerun=True)
 """
 
@@ -272,6 +274,33 @@ def test_probe_vocabulary_is_a_reproducible_subset_with_every_letter():
     assert set(subset) <= set(vocab) and len(set(subset)) == len(subset)
     counts = {letter: sum(t.startswith(letter) for t in subset) for letter in "abcdefghijklmnopqrstuvwxyz"}
     assert min(counts.values()) == 20 and counts["s"] > counts["a"]
+
+
+ABSORPTION_VOCABULARY = """
+import hashlib, sys
+from sae_bench.evals.absorption import common, feature_absorption
+from softsae_plugin.evaluate import absorption_vocabulary
+from softsae_plugin.smollm2 import load_smollm2
+
+tokenizer = load_smollm2(first_n_layers=1).tokenizer
+raw = feature_absorption.get_alpha_tokens(tokenizer)
+with absorption_vocabulary(None, 0):
+    ordered, probe = feature_absorption.get_alpha_tokens(tokenizer), common.get_alpha_tokens(tokenizer)
+with absorption_vocabulary(520, 0):
+    subset = common.get_alpha_tokens(tokenizer)
+assert ordered == sorted(raw) == probe and len(raw) > 10000 and set(subset) < set(raw), len(raw)
+print(hashlib.sha256("|".join(ordered + ["#"] + subset).encode()).hexdigest())
+"""
+
+
+def test_absorption_vocabulary_is_the_same_in_every_process():
+    """SAEBench's own list comes in the tokenizer's per-process hash order; under `absorption_vocabulary` the
+    list (and the probe's subset) is the same in two processes, so seeded absorption runs repeat."""
+    script = [sys.executable, "-c", ABSORPTION_VOCABULARY]
+    runs = [subprocess.run(script, capture_output=True, text=True, timeout=300, env=ENV) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert runs[0].stdout.split()[-1] == runs[1].stdout.split()[-1]
 
 
 def test_datasets_are_served_from_local_copies_only(tmp_path):
