@@ -11,7 +11,8 @@ module only supplies what those functions cannot reach offline, and moves what t
 - SAEBench's artifacts (first-letter probes, cached activations, per-SAE intermediate tables), which it
   writes inside its installed package or the working directory, go to `<out>/saebench/<model>/`, so two
   models never share a cached probe;
-- with `--absorption-vocab-size`, the vocabulary its first-letter probe is trained on.
+- the absorption eval's vocabulary, in sorted order rather than the tokenizer's per-process hash order (so a
+  seeded run repeats), and with `--absorption-vocab-size` the subset its first-letter probe is trained on.
 
 Each replacement is one name looked up inside one SAEBench module, patched only while that step runs; no
 SAEBench file and no metric code changes.
