@@ -277,7 +277,7 @@ def test_probe_vocabulary_is_a_reproducible_subset_with_every_letter():
 
 
 ABSORPTION_VOCABULARY = """
-import hashlib, sys
+import hashlib
 from sae_bench.evals.absorption import common, feature_absorption
 from softsae_plugin.evaluate import absorption_vocabulary
 from softsae_plugin.smollm2 import load_smollm2
