@@ -63,12 +63,15 @@ from softsae_plugin.train import train_on_activations, with_run_length  # noqa: 
 
 ARCHITECTURES = ("softsae", "topk", "batchtopk", "matryoshka_batchtopk")
 LABELS = {"softsae": "SoftSAE", "topk": "TopK", "batchtopk": "BatchTopK", "matryoshka_batchtopk": "Matryoshka"}
-# The issue's goals (item 7) and the threshold this report reads as "clearly positive".
+# The issues' goals (6: item 7; 10: mean L0 within 2% of k held out, 1% on training inputs) and the threshold this
+# report reads as "clearly positive".
 FVE_GOAL = -0.005
-L0_GOAL = 0.05
+L0_GOAL = 0.02
+TRAIN_L0_GOAL = 0.01
 SPEARMAN_NATURAL_GOAL = 0.8
 SPEARMAN_NORMALISED_GOAL = 0.3
 CACHE_BATCH_ROWS = 8  # context rows per model forward pass while caching
+SPLITS = ("train", "heldout")
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,7 @@ def train_embedding_run(
     tag = "-".join([arch, f"k{k}", f"lr{lr:g}", *(f"{key}{value}" for key, value in overrides.items())])
     inference = load_inference(sae, work / "emb_runs" / tag)
     summary, k_hat = summarise(inference, [data["heldout"]])
+    summary["train_mean_l0"] = summarise(inference, [data["train"][: len(data["heldout"])]])[0]["mean_l0"]
     return {
         "arch": arch,
         "k": k,
@@ -397,6 +401,7 @@ def ablation_settings(k: int) -> dict[str, dict[str, Any]]:
         "tau anneal off": {"tau_start": None},  # tau constant at its final value
         "target-k anneal off": {"k_start": float(k)},
         "hard final phase off": {"hard_topk_steps": 0},
+        "paper budget (softplus)": PAPER_BUDGET,
     }
 
 
@@ -470,6 +475,18 @@ def cache_activations(model: Any, rows: Any, path: Path, scale: Scale, hook_name
     dataset = runner.run()
     (path / "reproduce_meta.json").write_text(json.dumps(meta))
     return dataset
+
+
+def load_cached_sample(cache: Path, hook_name: str, n: int, special: list[int]) -> torch.Tensor:
+    """`n` non-special token activations spread evenly over the cached training text (for the L0 on training data)."""
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(cache)).with_format("torch")
+    rows = torch.linspace(0, len(data) - 1, max(1, n // data[0][hook_name].shape[0] + 1)).long().tolist()
+    sample = data.select(rows)
+    acts = sample[hook_name].reshape(-1, sample[hook_name].shape[-1])
+    keep = ~torch.isin(sample["token_ids"].reshape(-1).long(), torch.tensor(special))
+    return acts[keep][:n]
 
 
 def train_lm_run(
@@ -564,12 +581,13 @@ def run_lm_setting(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
 
     model = load_smollm2()
     hook_name = f"blocks.{scale.lm_layer}.hook_resid_post"
-    all_rows = tokenized_english_text(model.tokenizer, scale.context_size)
-    needed = scale.lm_train_rows + scale.lm_heldout_rows
-    if len(all_rows) < needed:
-        raise ValueError(f"lm_train_rows + lm_heldout_rows = {needed}; the text has only {len(all_rows)} rows")
-    train_rows = all_rows.select(range(scale.lm_train_rows))
-    heldout_rows = all_rows.select(range(len(all_rows) - scale.lm_heldout_rows, len(all_rows)))  # other articles
+    # Held out: paragraphs spread over every article (softsae_plugin.text's split), never in the training rows.
+    splits = {split: tokenized_english_text(model.tokenizer, scale.context_size, split=split) for split in SPLITS}
+    for split, wanted in (("train", scale.lm_train_rows), ("heldout", scale.lm_heldout_rows)):
+        if len(splits[split]) < wanted:
+            raise ValueError(f"{wanted} rows of the {split} split wanted; the text has only {len(splits[split])}")
+    train_rows = splits["train"].select(range(scale.lm_train_rows))
+    heldout_rows = splits["heldout"].shuffle(seed=scale.seed).select(range(scale.lm_heldout_rows))
     start = time.perf_counter()
     bar.set_postfix_str("caching LM activations")
     cache_activations(model, train_rows, work / "lm_cache_train", scale, hook_name)
@@ -585,8 +603,11 @@ def run_lm_setting(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
     train_ids = train_rows.with_format("torch")["input_ids"].reshape(-1)
     args = (model, train_rows, work / "lm_cache_train" / "cache", scale, work)
 
+    train_acts = load_cached_sample(work / "lm_cache_train" / "cache", hook_name, int(keep.sum()), special)
+
     def measured(run: dict[str, Any]) -> dict[str, Any]:
         run["summary"], k_hat = summarise(run["sae"], [acts[keep]])
+        run["summary"]["train_mean_l0"] = summarise(run["sae"], [train_acts])[0]["mean_l0"]
         run["k_hat"] = None if k_hat is None else k_hat.numpy()
         bar.update()
         return run
@@ -660,10 +681,24 @@ def lm_adaptivity(
 # d. The controlled synthetic check
 
 
+# What might limit adaptivity where the input norm carries no information (the normalised set): each variant changes
+# one thing. name -> (normalise, learning rate, steps multiplier, SoftSAE config overrides)
+PAPER_BUDGET = {"sparsity_control": "softplus", "calibrate_hard_l0": False}
+SYNTHETIC_VARIANTS: dict[str, tuple[bool, float, int, dict[str, Any]]] = {
+    "natural": (False, 1e-3, 1, {}),
+    "normalised": (True, 1e-3, 1, {}),
+    "normalised, paper budget (softplus)": (True, 1e-3, 1, PAPER_BUDGET),
+    "normalised, lr 3e-3": (True, 3e-3, 1, {}),
+    "normalised, 4x steps": (True, 1e-3, 4, {}),
+    "normalised, k head 32 wide": (True, 1e-3, 1, {"k_head_hidden": 32}),
+}
+
+
 def run_synthetic(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
-    """SoftSAE on inputs with a known number of ground-truth directions, at natural scale and normalised."""
+    """SoftSAE on inputs with a known number of ground-truth directions, at natural scale and normalised, and the
+    variants of `SYNTHETIC_VARIANTS` on the normalised set."""
     results = {}
-    for normalise in (False, True):
+    for name, (normalise, lr, step_factor, overrides) in SYNTHETIC_VARIANTS.items():
         x, counts, directions = synthetic_activations(
             scale.synth_inputs,
             scale.synth_d_in,
@@ -680,34 +715,42 @@ def run_synthetic(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
             scale.synth_n_directions,
             k,
             k_max=scale.synth_max_count + scale.synth_max_count // 2,
+            **overrides,
         )
+        steps = scale.synth_steps * step_factor
         start = time.perf_counter()
         sae = train_on_activations(
             x[:-n_heldout],
             cfg,
             batch_size=scale.synth_batch,
-            training_steps=scale.synth_steps,
-            lr=1e-3,
-            lr_warm_up_steps=scale.synth_steps // 20,
-            lr_decay_steps=scale.synth_steps // 5,
+            training_steps=steps,
+            lr=lr,
+            lr_warm_up_steps=steps // 20,
+            lr_decay_steps=steps // 5,
             seed=scale.seed,
             progress=False,
-            dead_feature_window=max(scale.synth_steps // 5, 10),
-            feature_sampling_window=max(scale.synth_steps // 5, 10),
+            dead_feature_window=max(steps // 5, 10),
+            feature_sampling_window=max(steps // 5, 10),
             n_batches_for_norm_estimate=10,
         )
         seconds = time.perf_counter() - start
-        name = "normalised" if normalise else "natural"
-        inference = load_inference(sae, work / "synthetic" / name)
-        summary, k_hat = summarise(inference, [x[-n_heldout:]])
+        inference = load_inference(sae, work / "synthetic" / re.sub(r"[^a-z0-9]+", "-", name))
+        heldout = x[-n_heldout:]
+        summary, k_hat = summarise(inference, [heldout])
         true = counts[-n_heldout:].numpy()
+        with torch.no_grad():
+            pre = inference.process_sae_in(heldout) @ inference.W_enc + inference.b_enc
         results[name] = {
             "k": k,
             "k_max": cfg.k_max,
+            "lr": lr,
+            "steps": steps,
             "seconds": seconds,
             "summary": summary,
             "spearman": spearman(k_hat.numpy(), true),
-            "spearman_norm": spearman(x[-n_heldout:].norm(dim=-1).numpy(), true),
+            "spearman_norm": spearman(heldout.norm(dim=-1).numpy(), true),
+            # Is the count there to be read from the encoder's own codes? Their number of positive entries.
+            "spearman_positive_codes": spearman((pre > 0).sum(-1).numpy(), true),
             "recovery": dictionary_recovery(directions, inference.W_dec.detach()),
             "k_hat": k_hat.numpy(),
             "true": true,
@@ -770,7 +813,8 @@ def plot_synthetic(synth: dict[str, Any], path: Path) -> None:
     """k_hat against the true number of ground-truth directions, natural and normalised."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, (name, r) in zip(axes, synth.items(), strict=True):
+    for ax, name in zip(axes, ("natural", "normalised"), strict=True):
+        r = synth[name]
         ax.scatter(r["true"], r["k_hat"], s=3, alpha=0.3)
         ax.set_title(f"{name}: Spearman {r['spearman']:.2f}", fontsize=9)
         ax.set_xlabel("true number of directions")
@@ -929,8 +973,8 @@ def write_report(results: dict[str, Any], scale_name: str, scale: Scale, out: Pa
         "(`use_cached_activations=True`); the runner constructs its model by name, so SAE-Lens' `load_model` was "
         "pointed at the locally built model while the cache runner was constructed. BOS tokens excluded from "
         f"training and evaluation (`exclude_special_tokens`). d_sae {scale.lm_d_sae}, {scale.lm_steps} steps x "
-        f"{scale.lm_batch} tokens. FVE/L0 on {lm['n_heldout_tokens']} held-out tokens from the last articles of the "
-        "text; loss recovered = SAE-Lens' `get_downstream_reconstruction_metrics` (CE with the SAE spliced in, "
+        f"{scale.lm_batch} tokens. FVE/L0 on {lm['n_heldout_tokens']} held-out tokens: rows of paragraphs never "
+        "trained on (every 10th paragraph of every article, `softsae_plugin.text`'s held-out split); loss recovered = SAE-Lens' `get_downstream_reconstruction_metrics` (CE with the SAE spliced in, "
         f"clean, zero-ablated) on {scale.lm_eval_batches * scale.lm_eval_prompts} held-out rows.",
         "",
     ]
@@ -950,16 +994,22 @@ def write_report(results: dict[str, Any], scale_name: str, scale: Scale, out: Pa
     L += [
         "## c. Sparsity control (SoftSAE)",
         "",
-        "| setting | target k | k_max | mean L0 | L0 / k - 1 | k_hat q1 / median / q3 | IQR / k "
-        "| share within 1 of k_max | share within 1 of 1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Held-out inputs, and training inputs (as many, drawn from the training data) for the L0 the hard phase "
+        "calibrates. The soft phase holds every batch's mean k_hat at the target exactly "
+        '(`sparsity_control="constraint"`); the hard phase shifts the frozen k head\'s output until the hard L0 on '
+        "training batches equals k (`calibrate_hard_l0`).",
+        "",
+        "| setting | target k | k_max | held-out L0 | L0 / k - 1 | training L0 / k - 1 | k_hat q1 / median / q3 "
+        "| IQR / k | share within 1 of k_max | share within 1 of 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, setting, ks in (("embeddings", emb, scale.emb_ks), ("LM", lm, scale.lm_ks)):
         for k in ks:
             s = setting["main"][("softsae", k)]["summary"]
             kh = s["k_hat"]
             L.append(
-                f"| {name} | {k} | {s['k_max']} | {_fmt(s['mean_l0'], 1)} | {100 * (s['l0_over_target'] - 1):+.1f}% | "
+                f"| {name} | {k} | {s['k_max']} | {_fmt(s['mean_l0'], 1)} | {100 * (s['l0_over_target'] - 1):+.2f}% | "
+                f"{100 * (s['train_mean_l0'] / k - 1):+.2f}% | "
                 f"{kh['q1']:.1f} / {kh['median']:.1f} / {kh['q3']:.1f} | {kh['iqr_over_k']:.2f} | "
                 f"{100 * kh['share_near_k_max']:.1f}% | {100 * kh['share_near_1']:.1f}% |"
             )
@@ -992,18 +1042,20 @@ def write_report(results: dict[str, Any], scale_name: str, scale: Scale, out: Pa
         "Controlled check: SoftSAE on synthetic inputs, each a sum of a known number (1.."
         f"{scale.synth_max_count}, uniform) of {scale.synth_n_directions} random unit directions in "
         f"{scale.synth_d_in} dimensions with coefficients uniform in [0.5, 1.5]; d_sae = {scale.synth_n_directions}, "
-        f"{scale.synth_steps} steps x {scale.synth_batch}, lr 1e-3, {scale.synth_inputs // 8} held-out inputs. "
-        "Normalised: every input rescaled to the same norm.",
+        f"batch {scale.synth_batch}, {scale.synth_inputs // 8} held-out inputs. Normalised: every input rescaled to "
+        "the same norm, so the norm says nothing about the count. The variants below the first two each change one "
+        "thing on the normalised set, to find what limits adaptivity there; 'positive codes' ranks the true count by "
+        "the number of positive pre-activations of the trained encoder (is the count there to be read?).",
         "",
-        "| inputs | k | k_max | FVE | mean L0 | Spearman(k_hat, true count) | Spearman(norm, true count) | "
-        "dictionary recovery (mean max cosine) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| inputs | lr | steps | FVE | mean L0 | k_hat IQR / k | Spearman(k_hat, true count) | "
+        "Spearman(positive codes, true count) | Spearman(norm, true count) | dictionary recovery |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in synth.items():
         L.append(
-            f"| {name} | {r['k']:g} | {r['k_max']} | {_fmt(r['summary']['fve'])} | "
-            f"{_fmt(r['summary']['mean_l0'], 1)} | {_fmt(r['spearman'])} | {_fmt(r['spearman_norm'])} | "
-            f"{_fmt(r['recovery'])} |"
+            f"| {name} | {r['lr']:g} | {r['steps']} | {_fmt(r['summary']['fve'])} | "
+            f"{_fmt(r['summary']['mean_l0'], 1)} | {r['summary']['k_hat']['iqr_over_k']:.2f} | {_fmt(r['spearman'])} | "
+            f"{_fmt(r['spearman_positive_codes'])} | {_fmt(r['spearman_norm'])} | {_fmt(r['recovery'])} |"
         )
     L += ["", f"![synthetic]({rel(plots['synthetic'])})", ""]
 
@@ -1011,19 +1063,20 @@ def write_report(results: dict[str, Any], scale_name: str, scale: Scale, out: Pa
     L += [
         f"## e. Ablations (embedding setting, SoftSAE k = {emb['sweep_k']}, lr {emb['best_lr']['softsae']:g})",
         "",
-        "| variant | FVE | mean L0 | k_hat IQR / k | train s |",
-        "|---|---|---|---|---|",
+        "| variant | FVE | mean L0 | L0 / k - 1 | k_hat IQR / k | train s |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in emb["ablations"].items():
         s = r["summary"]
         L.append(
-            f"| {name} | {_fmt(s['fve'])} | {_fmt(s['mean_l0'], 1)} | {s['k_hat']['iqr_over_k']:.2f} | "
-            f"{r['seconds']:.0f} |"
+            f"| {name} | {_fmt(s['fve'])} | {_fmt(s['mean_l0'], 1)} | {100 * (s['l0_over_target'] - 1):+.1f}% | "
+            f"{s['k_hat']['iqr_over_k']:.2f} | {r['seconds']:.0f} |"
         )
     L += [
         "",
-        "tau anneal off: tau constant at 0.005; target-k anneal off: the budget's target is k from step 0; "
-        "hard final phase off: soft top-k to the end (inference still uses hard top-round(k_hat)).",
+        "tau anneal off: tau constant at 0.005; target-k anneal off: the target is k from step 0; "
+        "hard final phase off: soft top-k to the end (inference still uses hard top-round(k_hat)); paper budget: "
+        "the paper's one-sided softplus budget (lambda 1, beta 5) instead of the constraint, and no L0 calibration.",
         "",
     ]
     report.write_text("\n".join(L) + "\n")
@@ -1048,11 +1101,10 @@ def miss_notes(
     above = [dev for _, dev in l0_devs if dev > L0_GOAL]
     if below or above:
         notes.append(
-            f"- mean L0 within {100 * L0_GOAL:.0f}% of target: {len(below)} run(s) below and {len(above)} above, of "
-            f"{len(l0_devs)}. The budget is a softplus on the batch mean of k_hat (beta 5): it stops k_hat exceeding "
-            "the target but never pulls it up to it (its gradient always points down); at inference k_hat is "
-            "rounded and a row keeps fewer than round(k_hat) codes when fewer are positive. The paper lands 2-10% "
-            "below target on Gemma."
+            f"- mean held-out L0 within {100 * L0_GOAL:.0f}% of target: {len(below)} run(s) below and {len(above)} "
+            f"above, of {len(l0_devs)}. The hard phase calibrates the L0 on training batches (section c shows it "
+            "beside the held-out one); a held-out L0 off by more than that follows from the held-out inputs asking "
+            "for more or fewer features than the training inputs (k_hat depends on the input)."
         )
     for name, goal in (("natural", SPEARMAN_NATURAL_GOAL), ("normalised", SPEARMAN_NORMALISED_GOAL)):
         r = results["synth"][name]
@@ -1118,7 +1170,7 @@ def run(scale_name: str, out: Path, report: Path, work: Path, *, seed: int | Non
     n_lm = len(ARCHITECTURES) * (len(scale.lrs) + len(scale.lm_ks) - 1)
     start = time.perf_counter()
     results: dict[str, Any] = {}
-    with tqdm(total=n_emb + n_lm + 2, desc="reproduce", unit="run") as bar:
+    with tqdm(total=n_emb + n_lm + len(SYNTHETIC_VARIANTS), desc="reproduce", unit="run") as bar:
         results["synth"] = run_synthetic(scale, work, bar)
         results["emb"] = run_embedding_setting(scale, work, bar)
         results["lm"] = run_lm_setting(scale, work, bar)

@@ -14,12 +14,7 @@ that `sparsity_coefficient`, `sparsity_beta` and `aux_loss_coefficient` keep the
 
 from __future__ import annotations
 
-import functools
 import math
-import numbers
-import types
-import typing
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,59 +31,31 @@ from sae_lens.saes.sae import (
 from sae_lens.saes.topk_sae import calculate_topk_aux_acts
 from torch import nn
 from torch.nn import functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from typing_extensions import override
 
 from softsae_plugin.lapsum import soft_topk
 from softsae_plugin.reliability import check_finite
+from softsae_plugin.sparsity_control import calibrated_offset, constrained_k, k_from_logit, rounded_k
+from softsae_plugin.typecheck import check_types
+from softsae_plugin.unit_decoder import keep_decoder_rows_unit
 
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in")
-FOLD_W_DEC_NORM_REFUSAL = (
-    "Folding W_dec norms into a SoftSAE would rescale its codes and change which features are in "
-    "each input's top-k; SoftSAE decoders are trained with unit-norm rows already"
-)
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
-    """The allowed types of the sizes and of every field softsae declares (int, float, bool, str or None)."""
-    hints = typing.get_type_hints(cls)
-    # SAE-Lens' own fields (dtype, device, ...) are its to check; the sizes enter softsae's arithmetic.
-    own = {"d_in", "d_sae"}.union(
-        *(vars(klass).get("__annotations__", {}) for klass in cls.__mro__[:-1] if klass.__module__ == __name__)
-    )
-    allowed = {}
-    for name in own:
-        hint = hints[name]
-        allowed[name] = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    return allowed
-
-
-def _has_type(value: Any, expected: type) -> bool:
-    # bool is an int to Python, and numpy scalars are not int or float: compare by the numbers hierarchy.
-    if expected in (int, float) and isinstance(value, bool):
-        return False
-    if expected is int:
-        return isinstance(value, numbers.Integral)
-    if expected is float:
-        return isinstance(value, numbers.Real)
-    return value is None if expected is type(None) else isinstance(value, expected)
-
-
-def _check_types(cfg: SoftSAEConfig | SoftTrainingSAEConfig) -> None:
-    # Before any arithmetic: a string k or a float step count would otherwise fail later with a bare
-    # TypeError, or train on a schedule silently computed from the wrong value.
-    for name, options in _field_types(type(cfg)).items():
-        value = getattr(cfg, name)
-        if not any(_has_type(value, option) for option in options):
-            expected = " or ".join("None" if option is type(None) else option.__name__ for option in options)
-            raise TypeError(f"softsae: {name}={value!r} has type {type(value).__name__}; expected {expected}")
-        if isinstance(value, numbers.Real) and not math.isfinite(value):
-            raise ValueError(f"softsae: {name}={value!r} is invalid; expected a finite number")
+SPARSITY_CONTROLS = ("constraint", "softplus")
+# The fraction of the way the k head's output bias moves towards each batch's solved shift. Soft phase: a running
+# average over a few batches of the constraint's shift, which the hard phase starts from. Hard phase: 1/n over its
+# first n batches (their mean), then at least MIN_CALIBRATION_STEP, so the calibration averages out batch-to-batch
+# noise (each batch's own shift scatters by a few percent of L0 on widely spread k_hat) and still follows the encoder.
+SHIFT_STEP = 0.2
+MIN_CALIBRATION_STEP = 0.02
+# Buffers that exist only while training (the inference model drops them).
+TRAINING_BUFFERS = ("b_dec_initialised", "k_head_frozen")
+# Decoder rows whose norms agree to this relative tolerance share one norm (training keeps them equal to rounding).
+SHARED_NORM_RTOL = 1e-4
 
 
 def _check_inference_fields(cfg: SoftSAEConfig | SoftTrainingSAEConfig) -> None:
-    _check_types(cfg)
+    # The sizes enter softsae's arithmetic; SAE-Lens' other fields (dtype, device, ...) are its to check.
+    check_types(cfg, __name__, extra=("d_in", "d_sae"))
     if cfg.k_max is None:
         cfg.k_max = math.ceil(2 * cfg.k)
     if not 1 <= cfg.k <= cfg.k_max <= cfg.d_sae:
@@ -144,8 +111,14 @@ class SoftTrainingSAEConfig(TrainingSAEConfig):
         k_anneal_steps: steps of the target-k anneal; None means 1 percent of the run.
         hard_topk_steps: the last N steps train with hard top-round(k_hat) and a frozen k head;
             None means 10 percent of the run, 0 turns the hard phase off.
-        sparsity_coefficient: lambda, the weight of the softplus budget term.
-        sparsity_beta: beta, the sharpness of the softplus budget term.
+        sparsity_control: how the soft phase holds the batch mean of k_hat at the target: "constraint" (default)
+            shifts the k head's logits so that every batch's mean k_hat equals the target exactly, differentiating
+            through the shift, so the k head learns only how to share the features among inputs; "softplus" is the
+            paper's one-sided budget (for reproducing the paper: it settles below the target).
+        calibrate_hard_l0: in the hard phase, keep shifting the frozen k head's output bias so that the mean number
+            of kept codes on training batches (rounding, clamping and the positive-code cap included) equals k.
+        sparsity_coefficient: lambda, the weight of the softplus budget term (sparsity_control="softplus").
+        sparsity_beta: beta, the sharpness of the softplus budget term (sparsity_control="softplus").
         aux_loss_coefficient: the weight of the AuxK dead-latent loss (normalised MSE).
         k_aux: how many dead latents the AuxK loss uses; None means d_in // 2.
         detach_soft_topk_scores: pass a detached copy of the codes to soft top-k, so gradient reaches
@@ -167,6 +140,8 @@ class SoftTrainingSAEConfig(TrainingSAEConfig):
     k_start: float | None = None
     k_anneal_steps: int | None = None
     hard_topk_steps: int | None = None
+    sparsity_control: str = "constraint"
+    calibrate_hard_l0: bool = True
     sparsity_coefficient: float = 1.0
     sparsity_beta: float = 5.0
     aux_loss_coefficient: float = 1 / 32
@@ -183,6 +158,11 @@ class SoftTrainingSAEConfig(TrainingSAEConfig):
             "tau": (self.tau, self.tau > 0, "> 0"),
             "tau_start": (self.tau_start, self.tau_start is None or self.tau_start > 0, "> 0 or None"),
             "sparsity_beta": (self.sparsity_beta, self.sparsity_beta > 0, "> 0"),
+            "sparsity_control": (
+                self.sparsity_control,
+                self.sparsity_control in SPARSITY_CONTROLS,
+                f"one of {SPARSITY_CONTROLS}",
+            ),
             "sparsity_coefficient": (self.sparsity_coefficient, self.sparsity_coefficient >= 0, ">= 0"),
             "aux_loss_coefficient": (self.aux_loss_coefficient, self.aux_loss_coefficient >= 0, ">= 0"),
             "k_start": (
@@ -228,8 +208,10 @@ class SoftTrainingSAEConfig(TrainingSAEConfig):
         total = self.total_training_steps
         if total is None:
             raise ValueError(
-                "softsae: total_training_steps is not set; train through `sae-lens train` or "
-                "`softsae_plugin.train_on_activations`, or set cfg.total_training_steps yourself"
+                "softsae: total_training_steps is not set, and every schedule (tau, target k, the hard phase) is a "
+                "function of it. `sae-lens train` and `softsae_plugin.train_on_activations` set it; with SAE-Lens' "
+                "runner in Python, set it from the runner's config before running: "
+                "`cfg.sae.total_training_steps = cfg.total_training_steps`"
             )
         tau_steps = self.tau_anneal_steps if self.tau_anneal_steps is not None else round(0.02 * total)
         k_steps = self.k_anneal_steps if self.k_anneal_steps is not None else round(0.01 * total)
@@ -239,7 +221,7 @@ class SoftTrainingSAEConfig(TrainingSAEConfig):
         return Schedule(
             tau=_linear(tau_start, self.tau, step, tau_steps),
             target_k=_linear(k_start, self.k, step, k_steps),
-            hard=step >= total - hard_steps,
+            hard_step=step - (total - hard_steps) if step >= total - hard_steps else None,
         )
 
 
@@ -249,7 +231,12 @@ class Schedule:
 
     tau: float
     target_k: float
-    hard: bool
+    hard_step: int | None  # steps since the hard phase began, None before it
+
+    @property
+    def hard(self) -> bool:
+        """Whether this step is in the hard phase."""
+        return self.hard_step is not None
 
 
 def _linear(start: float, end: float, step: int, steps: int) -> float:
@@ -300,26 +287,11 @@ def _init_soft_weights(sae: SoftSAE | SoftTrainingSAE) -> None:
     sae.register_buffer("k_centre", torch.zeros(d_in, **kw))
 
 
-def _check_last_dim(sae: SoftSAE | SoftTrainingSAE, x: torch.Tensor, what: str) -> None:
-    if x.shape[-1] != sae.cfg.d_in:
-        raise ValueError(f"softsae {what}: expected input of shape (..., d_in={sae.cfg.d_in}), got {tuple(x.shape)}")
-
-
 def _check_codes(sae: SoftSAE | SoftTrainingSAE, feature_acts: torch.Tensor) -> None:
     if feature_acts.shape[-1] != sae.cfg.d_sae:
         raise ValueError(
             f"softsae decode: expected codes of shape (..., d_sae={sae.cfg.d_sae}), got {tuple(feature_acts.shape)}"
         )
-
-
-def _k_head(sae: SoftSAE | SoftTrainingSAE, x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    hidden = F.relu((x.to(sae.dtype) - centre) @ sae.W_k_in + sae.b_k_in)
-    product = hidden @ sae.w_k_out
-    if product.dtype != sae.w_k_out.dtype:  # autocast: redo it in the weights' precision (a cheap matrix-vector
-        with torch.autocast(x.device.type, enabled=False):  # product); in bfloat16 k_hat moves in steps of k_max/256
-            product = hidden.to(sae.w_k_out.dtype) @ sae.w_k_out
-    k_hat = sae.cfg.k_max * torch.sigmoid(product + sae.b_k_out)
-    return k_hat.clamp(1.0, float(sae.cfg.d_sae))
 
 
 # Fusing soft top-k (soft_topk(fused=True)) compiles once per process, about 80 s cold on 2 CPU cores (seconds with
@@ -332,10 +304,6 @@ def _fuse_soft_topk(cfg: SoftTrainingSAEConfig, scores: torch.Tensor) -> bool:
     if cfg.fuse_soft_topk is not None:
         return cfg.fuse_soft_topk
     return (cfg.total_training_steps or 0) * scores.numel() >= FUSE_MIN_SCORES
-
-
-def _round_k(sae: SoftSAE | SoftTrainingSAE, k_hat: torch.Tensor) -> torch.Tensor:
-    return k_hat.detach().round().clamp(1, sae.cfg.k_max).long()
 
 
 def _check_weights_to_load(sae: SoftSAE | SoftTrainingSAE, state_dict: dict[str, Any]) -> None:
@@ -367,179 +335,227 @@ def _fold_whitening_into_k_head(
     sae.k_centre.data.copy_(sae.k_centre.data.to(dtype) @ unwhitening + mean)
 
 
-class SoftSAE(SAE[SoftSAEConfig]):
-    """Inference SoftSAE: exact top-round(k_hat) per input, k_hat from the dynamic-sparsity head.
+def shared_row_norm(W_dec: torch.Tensor, rtol: float = SHARED_NORM_RTOL) -> float | None:
+    """The norm every row of `W_dec` has (to `rtol`), or None when the rows' norms differ."""
+    norms = W_dec.detach().norm(dim=-1)
+    low, high = float(norms.min()), float(norms.max())
+    return (low + high) / 2 if high - low <= rtol * high else None
 
-    `encode` keeps the round(k_hat) largest ReLU codes of each input (clamped to [1, k_max]) and zeroes
-    the rest, without reweighting; `predict_k` gives the continuous k_hat.
+
+class _SoftSAEBase:
+    """What the inference and the training SoftSAE share: the k head, the encoding, the decoding and the folds.
+
+    A mixin placed before SAE-Lens' base class, so that its methods override SAE-Lens' and call them with super().
     """
 
+    cfg: SoftSAEConfig | SoftTrainingSAEConfig
+    W_enc: nn.Parameter
     b_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
     W_k_in: nn.Parameter
     b_k_in: nn.Parameter
     w_k_out: nn.Parameter
     b_k_out: nn.Parameter
     k_centre: torch.Tensor
 
+    def k_head_centre(self) -> torch.Tensor:
+        """What the k head subtracts from its (processed) input."""
+        return self.k_centre
+
+    def sae_input(self, x: torch.Tensor) -> torch.Tensor:
+        """SAE-Lens' processed input (hooks, head reshaping, minus b_dec): what the encoder and the k head read."""
+        if self.cfg.reshape_activations == "none":
+            _check_last_dim(self, x, "")
+        sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
+        _check_last_dim(self, sae_in, " after reshaping its heads")
+        return sae_in
+
+    def k_logit(self, sae_in: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The k head's logit per input, from the processed input `sae_in` (see `sae_input`)."""
+        # sae_in is the processed input minus b_dec (if applied); the k head reads it minus its own centre instead.
+        # (In training the centre is b_dec itself, and the difference is exactly 0.)
+        offset = self.b_dec * self.cfg.apply_b_dec_to_input - self.k_head_centre()
+        hidden = F.relu((sae_in + offset) @ self.W_k_in + self.b_k_in)
+        product = hidden @ self.w_k_out
+        if product.dtype != self.w_k_out.dtype:  # autocast: redo it in the weights' precision (a cheap matrix-vector
+            with torch.autocast(sae_in.device.type, enabled=False):  # product); bfloat16 k_hat steps by k_max/256
+                product = hidden.to(self.w_k_out.dtype) @ self.w_k_out
+        return product + (self.b_k_out if bias is None else bias)
+
+    def k_from_logit(self, logit: torch.Tensor) -> torch.Tensor:
+        """k_hat from the k head's logit: k_max * sigmoid(logit), clamped to [1, d_sae]."""
+        return k_from_logit(logit, self.cfg.k_max, self.cfg.d_sae)
+
+    def predict_k(self, x: torch.Tensor) -> torch.Tensor:
+        """The continuous number of active features k_hat for each input, of shape x.shape[:-1]."""
+        return self.k_from_logit(self.k_logit(self.sae_input(x)))
+
+    def encode_hard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inference codes (the round(k_hat) largest ReLU codes of each input, unscaled) and the pre-activations."""
+        sae_in = self.sae_input(x)
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)  # type: ignore[attr-defined]
+        k = rounded_k(self.k_from_logit(self.k_logit(sae_in)), self.cfg.k_max).long()
+        return self.hook_sae_acts_post(hard_topk_per_row(F.relu(hidden_pre), k)), hidden_pre  # type: ignore[attr-defined]
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """Reconstruct inputs from codes of shape (..., d_sae)."""
+        _check_codes(self, feature_acts)  # type: ignore[arg-type]
+        sae_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)  # type: ignore[attr-defined]
+        return self.reshape_fn_out(self.run_time_activation_norm_fn_out(sae_out), self.d_head)  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        """Fold the decoder rows' norm into the encoder (SAE-Lens' fold), allowed when every row has the same norm.
+
+        One shared norm scales every code by one factor, which changes no input's top-k, no k_hat and no
+        reconstruction; rows of different norms would reorder the codes, so that is refused.
+        """
+        if shared_row_norm(self.W_dec) is None:
+            norms = self.W_dec.norm(dim=-1)
+            raise NotImplementedError(
+                "softsae: fold_W_dec_norm needs decoder rows of one shared norm (they range from "
+                f"{float(norms.min()):.6g} to {float(norms.max()):.6g}): folding different norms would rescale the "
+                "codes unequally and change which features are in each input's top-k"
+            )
+        super().fold_W_dec_norm()  # type: ignore[misc]
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        """Fold the input scaling into the weights (k head included), then the rows' shared norm 1/s into the encoder:
+        the SAE takes raw activations and keeps unit-norm decoder rows, as SAEBench expects."""
+        super().fold_activation_norm_scaling_factor(scaling_factor)  # type: ignore[misc]
+        _fold_norm_scaling_into_k_head(self, scaling_factor)  # type: ignore[arg-type]
+        if shared_row_norm(self.W_dec) is not None:
+            self.fold_W_dec_norm()
+
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
+    ) -> None:
+        """Fold an affine whitening of the inputs into the weights, the k head's included."""
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
+        _fold_whitening_into_k_head(self, mean, whitening_matrix, unwhitening_matrix)  # type: ignore[arg-type]
+
+
+def _check_last_dim(sae: Any, x: torch.Tensor, after: str) -> None:
+    if x.shape[-1] != sae.cfg.d_in:
+        raise ValueError(f"softsae: expected input of shape (..., d_in={sae.cfg.d_in}){after}, got {tuple(x.shape)}")
+
+
+def _unit_rows_on_load(state_dict: dict[str, Any]) -> None:
+    # Folders saved before unit rows were folded in at save time hold rows of one norm 1/s: fold it the same way.
+    norm = shared_row_norm(state_dict["W_dec"])
+    if norm is not None and abs(norm - 1) > SHARED_NORM_RTOL:
+        state_dict["W_dec"] = state_dict["W_dec"] / norm
+        state_dict["W_enc"] = state_dict["W_enc"] * norm
+        state_dict["b_enc"] = state_dict["b_enc"] * norm
+
+
+class SoftSAE(_SoftSAEBase, SAE[SoftSAEConfig]):
+    """Inference SoftSAE: exact top-round(k_hat) per input, k_hat from the dynamic-sparsity head.
+
+    `encode` keeps the round(k_hat) largest ReLU codes of each input (clamped to [1, k_max]) and zeroes
+    the rest, without reweighting; `predict_k` gives the continuous k_hat. Decoder rows have unit norm.
+    """
+
     @override
     def initialize_weights(self) -> None:
         super().initialize_weights()
         _init_soft_weights(self)
 
-    def predict_k(self, x: torch.Tensor) -> torch.Tensor:
-        """The continuous number of active features k_hat for each input, of shape x.shape[:-1]."""
-        _check_last_dim(self, x, "predict_k")
-        return _k_head(self, x, self.k_centre)
-
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes of shape (..., d_sae) with round(k_hat) non-zeros per input (fewer only if fewer are positive)."""
-        _check_last_dim(self, x, "encode")
-        hidden_pre = self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
-        k = _round_k(self, self.predict_k(x))
-        return self.hook_sae_acts_post(hard_topk_per_row(F.relu(hidden_pre), k))
-
-    @override
-    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        """Reconstruct inputs from codes of shape (..., d_sae)."""
-        _check_codes(self, feature_acts)
-        sae_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
-        return self.reshape_fn_out(self.run_time_activation_norm_fn_out(sae_out), self.d_head)
+        return self.encode_hard(x)[0]
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        training_only = sorted(set(TRAINING_BUFFERS) & set(state_dict))
+        if training_only:
+            raise ValueError(
+                f"softsae: these weights are a training checkpoint (they hold the training-only buffers "
+                f"{training_only}), in the trainer's scaled units: load them with TrainingSAE.load_from_disk to "
+                "continue training, or load the inference SAE a finished run saved (its output_path)"
+            )
         _check_weights_to_load(self, state_dict)
+        _unit_rows_on_load(state_dict)
 
     @override
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         check_finite(state_dict, "softsae: refusing to save this SAE")
 
-    @override
-    def fold_W_dec_norm(self) -> None:
-        raise NotImplementedError(FOLD_W_DEC_NORM_REFUSAL)
 
-    @override
-    @torch.no_grad()
-    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
-        super().fold_activation_norm_scaling_factor(scaling_factor)
-        _fold_norm_scaling_into_k_head(self, scaling_factor)
-
-    @override
-    @torch.no_grad()
-    def fold_activation_whitening(
-        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
-    ) -> None:
-        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
-        _fold_whitening_into_k_head(self, mean, whitening_matrix, unwhitening_matrix)
-
-
-# SAE-Lens' trainer never hands the SAE its optimizer, so the unit-norm decoder constraint (project
-# out the radial part of the gradient before the step, renormalise the rows after it) runs from
-# global optimizer hooks that act only on optimizers holding a live SoftTrainingSAE's W_dec.
-_LIVE_TRAINING_SAES: weakref.WeakSet[SoftTrainingSAE] = weakref.WeakSet()
-_HOOKS_INSTALLED = False
-
-
-def _saes_in(optimizer: torch.optim.Optimizer) -> list[SoftTrainingSAE]:
-    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    return [sae for sae in list(_LIVE_TRAINING_SAES) if id(sae.W_dec) in params]
-
-
-def _project_decoder_grads(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    for sae in _saes_in(optimizer):
-        sae.remove_radial_decoder_grad()
-
-
-def _renormalise_decoders(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    for sae in _saes_in(optimizer):
-        sae.normalise_decoder_rows()
-
-
-def _install_optimizer_hooks() -> None:
-    global _HOOKS_INSTALLED
-    if not _HOOKS_INSTALLED:
-        register_optimizer_step_pre_hook(_project_decoder_grads)
-        register_optimizer_step_post_hook(_renormalise_decoders)
-        _HOOKS_INSTALLED = True
-
-
-class SoftTrainingSAE(TrainingSAE[SoftTrainingSAEConfig]):
+class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
     """Training SoftSAE: LapSum soft top-k with a learned k_hat, then a hard top-k final phase.
 
-    Soft phase: f = a * soft_topk(a, k_hat, tau) with gradient into k_hat, plus the softplus budget on the
-    batch mean of k_hat. Hard phase (the last `hard_topk_steps`): f = top-round(k_hat) of a with the k head
-    and the centring it reads frozen, while encoder and decoder keep learning. The codes SAE-Lens' trainer
-    counts as firing (dead latents, L0, sparsity file) are the hard codes in both phases.
+    Soft phase: f = a * soft_topk(a, k_hat, tau) with gradient into k_hat, the batch mean of k_hat held at the
+    target (see `sparsity_control`). Hard phase (the last `hard_topk_steps`): f = top-round(k_hat) of a with the k
+    head and the centring it reads frozen (its output bias calibrated so that L0 = k), while encoder and decoder
+    keep learning. The codes SAE-Lens' trainer counts as firing (dead latents, L0, sparsity file) are the hard
+    codes in both phases.
     """
 
-    b_enc: nn.Parameter
-    W_k_in: nn.Parameter
-    b_k_in: nn.Parameter
-    w_k_out: nn.Parameter
-    b_k_out: nn.Parameter
-    k_centre: torch.Tensor
     b_dec_initialised: torch.Tensor
     k_head_frozen: torch.Tensor
 
     def __init__(self, cfg: SoftTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
-        _LIVE_TRAINING_SAES.add(self)
-        _install_optimizer_hooks()
+        self._constraint_multiplier = torch.tensor(float("nan"))
+        keep_decoder_rows_unit(self)
 
     @override
     def initialize_weights(self) -> None:
         super().initialize_weights()
         _init_soft_weights(self)
-        self.register_buffer("b_dec_initialised", torch.zeros((), dtype=torch.bool, device=self.device))
-        self.register_buffer("k_head_frozen", torch.zeros((), dtype=torch.bool, device=self.device))
+        for name in TRAINING_BUFFERS:
+            self.register_buffer(name, torch.zeros((), dtype=torch.bool, device=self.device))
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
         return {}
 
+    @override
     def k_head_centre(self) -> torch.Tensor:
         """What the k head subtracts from its input: b_dec while it trains, its snapshot once frozen."""
         return torch.where(self.k_head_frozen, self.k_centre, self.b_dec)
 
-    def predict_k(self, x: torch.Tensor) -> torch.Tensor:
-        """The continuous number of active features k_hat for each input, of shape x.shape[:-1]."""
-        _check_last_dim(self, x, "predict_k")
-        return _k_head(self, x, self.k_head_centre())
-
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inference encoding (hard top-round(k_hat)) and the pre-activations."""
-        _check_last_dim(self, x, "encode")
-        hidden_pre = self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
-        k = _round_k(self, self.predict_k(x))
-        return self.hook_sae_acts_post(hard_topk_per_row(F.relu(hidden_pre), k)), hidden_pre
-
-    @override
-    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        """Reconstruct inputs from codes of shape (..., d_sae)."""
-        _check_codes(self, feature_acts)
-        return super().decode(feature_acts)
+        return self.encode_hard(x)
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """One training step's forward pass and losses, following the schedule at this step."""
         schedule = self.cfg.schedule(step_input.n_training_steps)
         x = step_input.sae_in
-        _check_last_dim(self, x, "training_forward_pass")
         if not bool(self.b_dec_initialised):
             self._initialise_b_dec(x)
         if schedule.hard and not bool(self.k_head_frozen):
             self._freeze_k_head()
 
-        hidden_pre = self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
+        sae_in = self.sae_input(x)
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
         acts = F.relu(hidden_pre)
         if schedule.hard:
             with torch.no_grad():
-                k_hat = self.predict_k(x)
+                logit = self.k_logit(sae_in)
+                if self.cfg.calibrate_hard_l0:
+                    n_positive = (acts > 0).sum(-1)
+                    shift = calibrated_offset(logit, n_positive, self.cfg.k, self.cfg.k_max, self.cfg.d_sae)
+                    shift = shift * max(1 / (schedule.hard_step + 1), MIN_CALIBRATION_STEP)
+                    self.b_k_out.add_(shift)
+                    logit = logit + shift
+                k_hat = self.k_from_logit(logit)
+        elif self.cfg.sparsity_control == "softplus":
+            k_hat = self.k_from_logit(self.k_logit(sae_in))
         else:
-            k_hat = self.predict_k(x)
-        k_int = _round_k(self, k_hat)
-        hard_acts = hard_topk_per_row(acts, k_int)
+            # The constraint's shift makes any common offset of the logits irrelevant, so the output bias is not
+            # trained: it keeps the running shift, which is what the inference model and the hard phase use.
+            logit = self.k_logit(sae_in, bias=self.b_k_out.detach())
+            k_hat = constrained_k(logit, schedule.target_k, self.cfg.k_max, self.cfg.d_sae, self._record_constraint)
+        hard_acts = hard_topk_per_row(acts, rounded_k(k_hat, self.cfg.k_max).long())
         if schedule.hard:
             feature_acts = hard_acts
         else:
@@ -550,20 +566,18 @@ class SoftTrainingSAE(TrainingSAE[SoftTrainingSAEConfig]):
         sae_out = self.decode(feature_acts)
 
         mse_loss = self.mse_loss_fn(sae_out, x).sum(dim=-1).mean()
-        # The paper's loss is on unit-norm inputs; ours are d_in times larger in squared error.
-        paper_scale = float(self.cfg.d_in)
-        if schedule.hard:
-            sparsity_loss = mse_loss.new_zeros(())
+        gap = k_hat.mean() - schedule.target_k
+        if not schedule.hard and self.cfg.sparsity_control == "softplus":
+            # The paper's loss is on unit-norm inputs; ours are d_in times larger in squared error.
+            sparsity_loss = self.cfg.d_in * self.cfg.sparsity_coefficient * F.softplus(gap, beta=self.cfg.sparsity_beta)
+            # The budget's gradient on mean(k_hat), in the same units as the constraint's multiplier.
+            self._constraint_multiplier = self.cfg.sparsity_coefficient * torch.sigmoid(self.cfg.sparsity_beta * gap)
         else:
-            overshoot = k_hat.mean() - schedule.target_k
-            sparsity_loss = (
-                paper_scale * self.cfg.sparsity_coefficient * F.softplus(overshoot, beta=self.cfg.sparsity_beta)
-            )
-        aux_loss = paper_scale * self._aux_loss(x, sae_out, hidden_pre, step_input.dead_neuron_mask)
+            sparsity_loss = mse_loss.new_zeros(())
         losses = {
             "mse_loss": mse_loss,
             "sparsity_loss": sparsity_loss,
-            "auxiliary_reconstruction_loss": aux_loss,
+            **self.calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out),
         }
         k_hat = k_hat.detach().float()
         return TrainStepOutput(
@@ -571,17 +585,29 @@ class SoftTrainingSAE(TrainingSAE[SoftTrainingSAEConfig]):
             sae_out=sae_out,
             feature_acts=hard_acts.detach(),
             hidden_pre=hidden_pre,
-            loss=mse_loss + sparsity_loss + aux_loss,
+            loss=sum(losses.values()),  # type: ignore[arg-type]
             losses=losses,
             metrics={
                 "k_hat_mean": k_hat.mean(),
                 "k_hat_std": k_hat.std() if k_hat.numel() > 1 else torch.zeros(()),
+                "k_hat_minus_target": gap.detach(),
                 "k_hat_saturated_fraction": (k_hat >= self.cfg.k_max - 1).float().mean(),
+                # Only computed when SAE-Lens logs it (it unwraps callables).
+                "hard_l0": lambda: (hard_acts != 0).sum(-1).float().mean(),
+                # Read after the backward pass, which measures the constraint's.
+                "sparsity_multiplier": lambda: self._constraint_multiplier,
                 "tau": schedule.tau,
                 "target_k": schedule.target_k,
                 "hard_phase": int(schedule.hard),
             },
         )
+
+    @torch.no_grad()
+    def _record_constraint(self, *, shift: torch.Tensor | None = None, multiplier: torch.Tensor | None = None) -> None:
+        if shift is not None:
+            self.b_k_out.add_(SHIFT_STEP * shift)
+        if multiplier is not None:  # in the paper's units, like the softplus budget's lambda
+            self._constraint_multiplier = multiplier.detach() / self.cfg.d_in
 
     @override
     def calculate_aux_loss(
@@ -591,29 +617,22 @@ class SoftTrainingSAE(TrainingSAE[SoftTrainingSAEConfig]):
         hidden_pre: torch.Tensor,
         sae_out: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        return {
-            "auxiliary_reconstruction_loss": self._aux_loss(
-                step_input.sae_in, sae_out, hidden_pre, step_input.dead_neuron_mask
-            )
-        }
-
-    def _aux_loss(
-        self, sae_in: torch.Tensor, sae_out: torch.Tensor, hidden_pre: torch.Tensor, dead: torch.Tensor | None
-    ) -> torch.Tensor:
-        # AuxK (Gao et al.): the top-k_aux dead latents reconstruct the detached residual, as a
-        # normalised MSE, scaled down while few latents are dead. "Dead" comes from SAE-Lens' counters,
-        # which count the hard code, so a latent with only a negligible soft weight counts as dead.
+        """The AuxK dead-latent loss (Gao et al.): the top-k_aux dead latents reconstruct the detached residual, as a
+        normalised MSE scaled down while few latents are dead, times d_in (the paper's units, see the module)."""
+        # "Dead" comes from SAE-Lens' counters, which count the hard code, so a latent with only a negligible soft
+        # weight counts as dead.
+        dead = step_input.dead_neuron_mask
         if self.cfg.aux_loss_coefficient == 0 or dead is None or (n_dead := int(dead.sum())) == 0:
-            return sae_out.new_zeros(())
+            return {"auxiliary_reconstruction_loss": sae_out.new_zeros(())}
         k_aux = self.cfg.k_aux or self.cfg.d_in // 2
         scale = min(n_dead / k_aux, 1.0)
-        aux_acts = calculate_topk_aux_acts(min(k_aux, n_dead), hidden_pre, dead)
-        residual = (sae_in - sae_out).detach()
+        aux_acts = calculate_topk_aux_acts(k_aux=min(k_aux, n_dead), hidden_pre=hidden_pre, dead_neuron_mask=dead)
+        residual = (step_input.sae_in - sae_out).detach()
         recons = aux_acts @ self.W_dec
         nmse = (recons - residual).pow(2).sum(-1).mean() / (
             (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         )
-        return self.cfg.aux_loss_coefficient * scale * nmse
+        return {"auxiliary_reconstruction_loss": self.cfg.d_in * self.cfg.aux_loss_coefficient * scale * nmse}
 
     @torch.no_grad()
     def _initialise_b_dec(self, x: torch.Tensor) -> None:
@@ -629,19 +648,6 @@ class SoftTrainingSAE(TrainingSAE[SoftTrainingSAEConfig]):
 
     def _k_head_params(self) -> list[nn.Parameter]:
         return [self.W_k_in, self.b_k_in, self.w_k_out, self.b_k_out]
-
-    @torch.no_grad()
-    def remove_radial_decoder_grad(self) -> None:
-        """Remove the component of W_dec's gradient along each row (rows stay on the unit sphere)."""
-        if self.W_dec.grad is not None:
-            # grad -= (grad . w) w / |w|^2 per row, in three passes over W_dec and no temporary of its size.
-            along = torch.linalg.vecdot(self.W_dec.grad, self.W_dec) / self.W_dec.norm(dim=-1).clamp_min(1e-12).square()
-            self.W_dec.grad.addcmul_(self.W_dec, along.unsqueeze(-1), value=-1)
-
-    @torch.no_grad()
-    def normalise_decoder_rows(self) -> None:
-        """Rescale every decoder row to unit norm."""
-        self.W_dec.data /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
@@ -663,22 +669,5 @@ class SoftTrainingSAE(TrainingSAE[SoftTrainingSAEConfig]):
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         self.process_state_dict_for_saving(state_dict)
-        del state_dict["b_dec_initialised"], state_dict["k_head_frozen"]
-
-    @override
-    def fold_W_dec_norm(self) -> None:
-        raise NotImplementedError(FOLD_W_DEC_NORM_REFUSAL)
-
-    @override
-    @torch.no_grad()
-    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
-        super().fold_activation_norm_scaling_factor(scaling_factor)
-        _fold_norm_scaling_into_k_head(self, scaling_factor)
-
-    @override
-    @torch.no_grad()
-    def fold_activation_whitening(
-        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
-    ) -> None:
-        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
-        _fold_whitening_into_k_head(self, mean, whitening_matrix, unwhitening_matrix)
+        for name in TRAINING_BUFFERS:
+            del state_dict[name]

@@ -3,26 +3,52 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from sae_lens.saes.sae import SAE
+from sae_lens.training.sae_trainer import SAETrainer
 
 SUMMARY_FILENAME = "training_summary.json"
 K_HAT_HISTOGRAM_FILENAME = "k_hat_histogram.png"
+# Above this share of inputs predicting k_hat within 1 of k_max, the cap (not the input) decides their sparsity.
+SATURATION_WARNING = 0.05
+
+logger = logging.getLogger(__name__)
+
+
+def training_statistics(trainer: SAETrainer[Any, Any]) -> dict[str, Any]:
+    """What SAE-Lens' trainer measured on the training batches themselves, at the end of training.
+
+    `train_mean_l0` is the mean number of firing latents over the last feature-sampling window (the trainer's own
+    count of the codes its SAE produced, `train_l0_inputs` inputs); `dead_fraction` is SAE-Lens' dead-latent state:
+    the share of latents that have not fired for more than `dead_feature_window` steps.
+    """
+    stats: dict[str, Any] = {"dead_fraction": float(trainer.dead_neurons.double().mean())}
+    if trainer.n_frac_active_samples > 0:
+        stats["train_mean_l0"] = float(trainer.feature_sparsity.sum())
+        stats["train_l0_inputs"] = int(trainer.n_frac_active_samples)
+    return stats
 
 
 @torch.no_grad()
 def summarise(
-    sae: SAE[Any], batches: Iterable[torch.Tensor], log_feature_sparsity: torch.Tensor | None = None
+    sae: SAE[Any],
+    batches: Iterable[torch.Tensor],
+    trainer: SAETrainer[Any, Any] | None = None,
+    *,
+    eval_data: str = "held-out inputs",
 ) -> tuple[dict[str, Any], torch.Tensor | None]:
     """Measure a trained SAE on raw (unscaled) activation batches it was not trained on.
 
     FVE = 1 - sum_d Var(x_d - x_hat_d) / sum_d Var(x_d) over all rows; L0 is the mean number of non-zero
     codes. For a SoftSAE the k_hat distribution is reported too (mean, quartiles, share of inputs within 1
-    of k_max or of 1). The dead fraction comes from SAE-Lens' own feature-sparsity log of the last window.
+    of k_max or of 1), with a warning when more than 5% of inputs sit at the cap. With the `trainer` that
+    trained it, the L0 on training batches and the dead fraction are added (`training_statistics`). `eval_data`
+    says what the batches are, in the summary.
     Returns the summary and the per-input k_hat (None for other architectures).
     """
     sae.eval()
@@ -46,12 +72,17 @@ def summarise(
         "d_sae": cfg.d_sae,
         "k": getattr(cfg, "k", None),
         "k_max": getattr(cfg, "k_max", None),
+        "eval_data": eval_data,
         "n_eval_inputs": int(x.shape[0]),
         "fve": float(fve),
         "mean_l0": float(l0.mean()),
     }
+    if trainer is not None:
+        summary.update(training_statistics(trainer))
     if summary["k"]:
         summary["l0_over_target"] = summary["mean_l0"] / float(summary["k"])
+        if "train_mean_l0" in summary:
+            summary["train_l0_over_target"] = summary["train_mean_l0"] / float(summary["k"])
     if k_hats:
         k_hat = torch.cat(k_hats)
         q1, median, q3 = torch.quantile(k_hat, torch.tensor([0.25, 0.5, 0.75], dtype=k_hat.dtype)).tolist()
@@ -65,9 +96,13 @@ def summarise(
             "share_near_k_max": float((k_hat >= cfg.k_max - 1).double().mean()),
             "share_near_1": float((k_hat <= 2).double().mean()),
         }
-    if log_feature_sparsity is not None:
-        # SAE-Lens logs log10(firing rate + 1e-10): a latent that never fired sits at -10.
-        summary["dead_fraction"] = float((log_feature_sparsity <= -9.99).double().mean())
+        if summary["k_hat"]["share_near_k_max"] > SATURATION_WARNING:
+            summary["warnings"] = [
+                f"{100 * summary['k_hat']['share_near_k_max']:.1f}% of inputs predict k_hat within 1 of "
+                f"k_max={cfg.k_max} (more than {100 * SATURATION_WARNING:g}%): the cap, not the input, sets their "
+                "sparsity; train again with a larger k_max (e.g. --k_max " + f"{2 * cfg.k_max})"
+            ]
+            logger.warning(summary["warnings"][0])
     return summary, (torch.cat(k_hats) if k_hats else None)
 
 
@@ -107,8 +142,14 @@ def print_summary(summary: dict[str, Any]) -> None:
     lines = [
         f"architecture {summary['architecture']}  d_sae {summary['d_sae']}  k {summary['k']}",
         f"FVE {summary['fve']:.4f}   mean L0 {summary['mean_l0']:.2f}"
-        + (f" ({100 * (summary['l0_over_target'] - 1):+.1f}% vs target)" if "l0_over_target" in summary else ""),
+        + (f" ({100 * (summary['l0_over_target'] - 1):+.1f}% vs target)" if "l0_over_target" in summary else "")
+        + f" on {summary['n_eval_inputs']} inputs of {summary.get('eval_data', 'held-out inputs')}",
     ]
+    if "train_mean_l0" in summary:
+        lines.append(
+            f"mean L0 on the last {summary['train_l0_inputs']} training inputs {summary['train_mean_l0']:.2f}"
+            + (f" ({100 * (summary['train_l0_over_target'] - 1):+.1f}%)" if "train_l0_over_target" in summary else "")
+        )
     if "k_hat" in summary:
         kh = summary["k_hat"]
         lines.append(
@@ -117,5 +158,6 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"  near 1 {100 * kh['share_near_1']:.1f}%"
         )
     if "dead_fraction" in summary:
-        lines.append(f"dead latents {100 * summary['dead_fraction']:.2f}%")
+        lines.append(f"dead latents {100 * summary['dead_fraction']:.2f}% (no firing in the dead-feature window)")
+    lines += [f"WARNING: {warning}" for warning in summary.get("warnings", [])]
     print("\n".join(lines))

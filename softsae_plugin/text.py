@@ -9,6 +9,7 @@ from __future__ import annotations
 import bz2
 import re
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from datasets import Dataset
@@ -20,6 +21,10 @@ from transformers import PreTrainedTokenizerBase
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # The dataset_path under which `sae-lens train` uses this text instead of a Hub dataset.
 LOCAL_TEXT_ID = "local:english-wikipedia"
+# Every HELDOUT_EVERY-th paragraph is held out: never trained on, spread over every article of the dump, so that
+# a summary measured on it sees the same kind of text as training (k_hat, and so L0, depends on the text).
+HELDOUT_EVERY = 10
+Split = Literal["all", "train", "heldout"]
 
 # filter_wiki leaves bold/italic quotes, and the templates it drops (pronunciations, foreign spellings) leave
 # brackets holding only separators and spaces before the punctuation that followed them: "Asphalt (,,
@@ -62,19 +67,22 @@ def _paragraphs(min_chars: int) -> Iterator[str]:
                     yield paragraph
 
 
-def english_text(*, max_docs: int | None = None, min_chars: int = 200) -> Dataset:
+def english_text(*, max_docs: int | None = None, min_chars: int = 200, split: Split = "all") -> Dataset:
     """Return prose paragraphs of English Wikipedia as an in-memory dataset with one column, "text".
 
     Each row is one paragraph of at least `min_chars` characters, in dump order (deterministic), taken from
     the shortened Wikipedia dump in gensim's test data with headings, lists, tables and captions removed;
-    `max_docs` keeps only the first rows. SAE-Lens' ActivationsStore accepts the result as
-    `override_dataset`: it tokenizes the "text" column on the fly with the model's tokenizer.
+    `split="heldout"` keeps every HELDOUT_EVERY-th paragraph and `split="train"` the others; `max_docs` keeps only
+    the first rows. SAE-Lens' ActivationsStore accepts the result as `override_dataset`: it tokenizes the "text"
+    column on the fly with the model's tokenizer.
     """
     texts = []
-    for paragraph in _paragraphs(min_chars):
+    for index, paragraph in enumerate(_paragraphs(min_chars)):
         if max_docs is not None and len(texts) >= max_docs:
             break
-        texts.append(paragraph)
+        heldout = index % HELDOUT_EVERY == HELDOUT_EVERY - 1
+        if split == "all" or heldout == (split == "heldout"):
+            texts.append(paragraph)
     return Dataset.from_dict({"text": texts})
 
 
@@ -85,15 +93,16 @@ def tokenized_english_text(
     prepend_bos: bool = True,
     max_docs: int | None = None,
     min_chars: int = 200,
+    split: Split = "all",
 ) -> Dataset:
-    """Return `english_text` tokenized into rows of exactly `context_size` token ids (column "input_ids").
+    """Return `english_text` (of `split`) tokenized into rows of exactly `context_size` token ids ("input_ids").
 
     Paragraphs are concatenated with the tokenizer's BOS token between them and, when `prepend_bos`, at the
     start of every row, exactly as SAE-Lens' ActivationsStore does on the fly with its default
     `sequence_separator_token="bos"`; the incomplete last row is dropped. Handing this to SAE-Lens as
     `override_dataset` skips re-tokenizing every epoch, which matters because the corpus is small.
     """
-    texts = english_text(max_docs=max_docs, min_chars=min_chars)["text"]
+    texts = english_text(max_docs=max_docs, min_chars=min_chars, split=split)["text"]
     token_rows = (torch.tensor(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     bos = tokenizer.bos_token_id
     rows = concat_and_batch_sequences(

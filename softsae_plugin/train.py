@@ -143,7 +143,7 @@ def train_on_activations(
                 skip_rows=skip_nonfinite_rows,
             )
             n_eval = max(1, min(50, 65_536 // batch_size))
-            summary, k_hat = summarise(sae, islice(eval_batches, n_eval), trainer.log_feature_sparsity)
+            summary, k_hat = summarise(sae, islice(eval_batches, n_eval), trainer)
             summary["nonfinite_rows_skipped"] = guard.rows_skipped
             write_summary(summary, k_hat, staged)
         if progress:

@@ -113,18 +113,50 @@ def test_soft_phase_trains_k_head_and_counts_hard_code():
     sae = make_sae()
     randomise_k_head(sae)
     x = torch.randn(64, D_IN)
-    out = sae.training_forward_pass(step_input(x, 0))
+    out = sae.training_forward_pass(step_input(x, 50))
+    # The constraint holds the batch's mean k_hat at the target, with no budget term in the loss.
+    assert out.metrics["k_hat_mean"] == pytest.approx(sae.cfg.schedule(50).target_k, abs=1e-4)
+    assert out.losses["sparsity_loss"] == 0
     # SAE-Lens' trainer counts firing from feature_acts: it must be the hard top-round(k_hat) code.
+    l0 = (out.feature_acts != 0).sum(-1).float()
+    assert l0.mean() <= sae.cfg.k + 1 and (l0 <= sae.cfg.k_max).all()
+    out.loss.backward()
+    assert sae.W_k_in.grad is not None and sae.W_k_in.grad.abs().sum() > 0
+    assert sae.w_k_out.grad.abs().sum() > 0
+    assert sae.b_k_out.grad is None, "a common shift of the k head's output is the constraint's, not learned"
+    assert out.metrics["sparsity_multiplier"]().isfinite()
+
+
+def test_papers_softplus_budget_trains_the_whole_k_head():
+    sae = make_sae(sparsity_control="softplus")
+    randomise_k_head(sae)
+    x = torch.randn(64, D_IN)
+    out = sae.training_forward_pass(step_input(x, 0))
     expected_l0 = sae.predict_k(x).round().clamp(1, sae.cfg.k_max)
     assert ((out.feature_acts != 0).sum(-1).float() <= expected_l0).all()
     assert out.losses["sparsity_loss"] > 0
     out.loss.backward()
-    assert sae.W_k_in.grad is not None and sae.W_k_in.grad.abs().sum() > 0
-    assert sae.w_k_out.grad.abs().sum() > 0
+    assert sae.b_k_out.grad is not None and sae.w_k_out.grad.abs().sum() > 0
+
+
+def test_hard_phase_calibration_moves_only_the_k_bias_until_l0_is_k():
+    sae = make_sae(hard_topk_steps=20)
+    randomise_k_head(sae)
+    x = torch.randn(256, D_IN) + 1.0
+    frozen = [p.detach().clone() for p in (sae.W_k_in, sae.b_k_in, sae.w_k_out)]
+    l0s = []
+    for step in range(80, 100):
+        out = sae.training_forward_pass(step_input(x, step))
+        l0s.append((out.feature_acts != 0).sum(-1).float().mean().item())
+    for before, p in zip(frozen, (sae.W_k_in, sae.b_k_in, sae.w_k_out), strict=True):
+        assert torch.equal(before, p)
+    # The first hard batch is calibrated exactly (the L0 is a step function: within one row's count of k).
+    assert l0s[0] == pytest.approx(sae.cfg.k, abs=sae.cfg.k_max / len(x))
+    assert all(abs(l0 - sae.cfg.k) <= sae.cfg.k_max / len(x) for l0 in l0s)
 
 
 def test_hard_phase_freezes_k_head_and_its_centre_while_encoder_learns():
-    sae = make_sae(hard_topk_steps=20)
+    sae = make_sae(hard_topk_steps=20, calibrate_hard_l0=False)
     randomise_k_head(sae)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     x = torch.randn(64, D_IN) + 1.0
@@ -145,8 +177,9 @@ def test_hard_phase_freezes_k_head_and_its_centre_while_encoder_learns():
     assert not torch.equal(sae.b_dec, b_dec_before), "b_dec keeps learning in the hard phase"
     for before, p in zip(k_head_before, (sae.W_k_in, sae.b_k_in, sae.w_k_out, sae.b_k_out), strict=True):
         assert torch.equal(before, p)
-    # The k head reads the snapshot of b_dec, so k_hat does not drift while b_dec moves.
-    assert torch.equal(sae.predict_k(x), k_hat_at_freeze)
+    # The k head reads the snapshot of b_dec, so k_hat does not drift while b_dec moves (beyond float rounding: it
+    # reads the encoder's processed input plus b_dec minus the snapshot).
+    torch.testing.assert_close(sae.predict_k(x), k_hat_at_freeze, rtol=1e-6, atol=1e-6)
 
 
 def test_decoder_rows_stay_unit_norm_under_an_optimizer():
@@ -171,7 +204,7 @@ def test_b_dec_starts_at_the_geometric_median_of_the_first_batch():
     assert torch.allclose(geometric_median(x.double()), median, atol=1e-4)
 
 
-def test_folding_the_normalisation_keeps_codes_and_k_hat_on_raw_inputs():
+def test_folding_the_normalisation_keeps_k_hat_support_and_reconstruction_with_unit_rows():
     sae = make_sae()
     randomise_k_head(sae)
     with torch.no_grad():
@@ -181,14 +214,89 @@ def test_folding_the_normalisation_keeps_codes_and_k_hat_on_raw_inputs():
     scale = 0.3
     k_before, codes_before, out_before = sae.predict_k(raw * scale), sae.encode(raw * scale), sae(raw * scale)
     sae.fold_activation_norm_scaling_factor(scale)
-    assert torch.allclose(sae.predict_k(raw), k_before, atol=1e-5)
-    assert torch.allclose(sae.encode(raw), codes_before, atol=1e-4)
-    assert torch.allclose(sae(raw), out_before / scale, atol=1e-4)
+    torch.testing.assert_close(sae.predict_k(raw), k_before, atol=1e-5, rtol=1e-5)
+    # The rows' shared norm 1/s is folded into the encoder too: unit rows, codes in raw units, same support.
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))
+    codes = sae.encode(raw)
+    assert torch.equal(codes != 0, codes_before != 0)
+    torch.testing.assert_close(codes, codes_before / scale, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sae(raw), out_before / scale, atol=1e-4, rtol=1e-5)
 
 
-def test_fold_W_dec_norm_is_refused():
-    with pytest.raises(NotImplementedError, match="top-k"):
-        make_sae().fold_W_dec_norm()
+@pytest.mark.parametrize("inference", [False, True])
+def test_fold_W_dec_norm_keeps_function_when_rows_share_a_norm(tmp_path, inference):
+    sae = make_sae()
+    randomise_k_head(sae)
+    if inference:
+        sae.save_inference_model(tmp_path)
+        sae = SAE.load_from_disk(tmp_path)
+    with torch.no_grad():
+        sae.W_dec.mul_(2.5)
+    x = torch.randn(40, D_IN)
+    codes_before, out_before = sae.encode(x), sae(x)
+    sae.fold_W_dec_norm()
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))
+    assert torch.equal(sae.encode(x) != 0, codes_before != 0)
+    torch.testing.assert_close(sae(x), out_before, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_W_dec_norm_is_refused_when_rows_differ():
+    sae = make_sae()
+    with torch.no_grad():
+        sae.W_dec[0] *= 2
+    with pytest.raises(NotImplementedError, match=r"shared norm \(they range from 1 to 2\).*top-k"):
+        sae.fold_W_dec_norm()
+
+
+def test_a_folder_saved_with_rows_of_norm_1_over_s_loads_with_unit_rows_and_the_same_function(tmp_path):
+    sae = make_sae()
+    randomise_k_head(sae)
+    sae.save_inference_model(tmp_path)
+    old = SAE.load_from_disk(tmp_path)
+    # What an older version saved: the scaling folded into W_dec alone (rows of norm 1/s).
+    with torch.no_grad():
+        old.W_dec.div_(4.2)
+        old.W_enc.mul_(4.2)
+    x = torch.randn(40, D_IN)
+    codes, out = old.encode(x), old(x)
+    old.save_model(tmp_path / "old")
+    loaded = SAE.load_from_disk(tmp_path / "old")
+    torch.testing.assert_close(loaded.W_dec.norm(dim=-1), torch.ones(D_SAE))
+    assert torch.equal(loaded.encode(x) != 0, codes != 0)
+    torch.testing.assert_close(loaded(x), out, atol=1e-5, rtol=1e-5)
+
+
+def test_loading_a_training_checkpoint_as_inference_names_the_cause(tmp_path):
+    make_sae().save_model(tmp_path)
+    with pytest.raises(ValueError, match=r"training checkpoint .*\['b_dec_initialised', 'k_head_frozen'\]"):
+        SAE.load_from_disk(tmp_path)
+
+
+def test_the_k_head_reads_the_hooked_input_like_the_encoder():
+    sae = make_sae()
+    randomise_k_head(sae)
+    x = torch.randn(40, D_IN)
+    half = torch.cat([torch.ones(D_IN // 2), torch.zeros(D_IN - D_IN // 2)])
+    sae.hook_sae_input.add_hook(lambda tensor, hook: tensor * half)
+    try:
+        hooked_k, hooked_codes = sae.predict_k(x), sae.encode(x)
+    finally:
+        sae.hook_sae_input.remove_hooks()
+    torch.testing.assert_close(hooked_k, sae.predict_k(x * half))
+    torch.testing.assert_close(hooked_codes, sae.encode(x * half))
+
+
+def test_a_hook_z_softsae_encodes_heads_flattened(tmp_path):
+    # SAE-Lens' training SAEs read flattened heads (its activation store reshapes); the inference SAE reshapes itself.
+    training = make_sae(reshape_activations="hook_z")
+    randomise_k_head(training)
+    training.save_inference_model(tmp_path)
+    sae = SAE.load_from_disk(tmp_path)
+    heads = torch.randn(10, 4, D_IN // 4)
+    flat = heads.reshape(10, D_IN)
+    torch.testing.assert_close(sae.predict_k(heads), training.predict_k(flat))
+    torch.testing.assert_close(sae.encode(heads), training.encode(flat))
+    assert sae(heads).shape == heads.shape
 
 
 @pytest.mark.parametrize(("frozen", "k_head_hidden"), [(False, None), (True, None), (True, 8)])
