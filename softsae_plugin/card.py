@@ -59,12 +59,19 @@ SUMMARY_ROWS = (
 )
 
 
+# The Hub ids of the models this package builds offline under a local name (the GGUF's source model).
+LOCAL_BASE_MODELS = {"smollm2-135m-instruct-q4_1": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# Written by `sae-lens eval` into a checkpoint's eval/ folder: the means over seeds, labels and decoder note.
+EVAL_SUMMARY_FILENAME = "summary.json"
+
+
 @dataclass(frozen=True)
 class SAEResult:
-    """One SAEBench result file: its eval type and the headline numbers shown in the card."""
+    """SAEBench numbers for the card: an eval type, its headline values (as text) and the labels they carry."""
 
     eval_type_id: str
-    headlines: tuple[tuple[str, float], ...]
+    headlines: tuple[tuple[str, str], ...]
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,12 +124,32 @@ def read_entry(sae_id: str, folder: str | Path) -> SAEEntry:
     summary = folder / SUMMARY_FILENAME
     if summary.exists():
         facts.update(json.loads(summary.read_text()))
-    results = []
-    for path in sorted((folder / EVAL_DIRNAME).rglob("*.json")):
-        result = _read_saebench_result(path)
-        if result is not None:
-            results.append(result)
+    eval_summary = folder / EVAL_DIRNAME / EVAL_SUMMARY_FILENAME
+    summary_row = json.loads(eval_summary.read_text()) if eval_summary.exists() else {}
+    if isinstance(summary_row, dict) and "metrics" in summary_row:
+        results = _summary_results(summary_row)
+    else:  # SAEBench's own result files (copied by hand, or by an older `sae-lens eval`)
+        results = [r for path in sorted((folder / EVAL_DIRNAME).rglob("*.json")) if (r := _read_saebench_result(path))]
     return SAEEntry(sae_id, facts, tuple(results), (folder / K_HAT_HISTOGRAM_FILENAME).exists())
+
+
+def _summary_results(summary: dict[str, Any]) -> list[SAEResult]:
+    # One row per metric: mean and spread over the seeds, with its labels and, when it was not already unit norm,
+    # what was done about the decoder.
+    decoder = summary.get("decoder") or ""
+    results = []
+    for metric, values in (summary.get("metrics") or {}).items():
+        if values.get("mean") is None:
+            continue
+        text = f"{values['mean']:.4g}"
+        if values.get("std") is not None:
+            text += f" ± {values['std']:.2g} ({len(values.get('values', []))} seeds)"
+        notes = [
+            *values.get("labels", []),
+            *([f"decoder: {decoder}"] if decoder and decoder != "unit-norm rows" else []),
+        ]
+        results.append(SAEResult(values.get("eval_type_id", ""), ((metric, text),), tuple(notes)))
+    return results
 
 
 def _read_saebench_result(path: Path) -> SAEResult | None:
@@ -135,7 +162,8 @@ def _read_saebench_result(path: Path) -> SAEResult | None:
     # they are uploaded but have no headline numbers, so the card passes over them without a warning.
     if not (isinstance(data, dict) and "eval_type_id" in data and isinstance(data.get("eval_result_metrics"), dict)):
         return None
-    return SAEResult(data["eval_type_id"], tuple(saebench_headlines(data)))
+    headlines = tuple((title, f"{value:.4g}") for title, value in saebench_headlines(data))
+    return SAEResult(data["eval_type_id"], headlines, tuple(data.get("sae_lens_eval_notes", ())))
 
 
 def saebench_headlines(result: dict[str, Any]) -> list[tuple[str, float]]:
@@ -186,20 +214,37 @@ def _definition(prop: dict[str, Any], definitions: dict[str, Any]) -> dict[str, 
     return None
 
 
-def model_card(repo_id: str, entries: Sequence[SAEEntry], revision: str = "main") -> str:
+def base_model(model_name: str) -> str | None:
+    """The Hub id of the model an SAE reads, when it is known: a local model's source, or TransformerLens' id."""
+    if model_name in LOCAL_BASE_MODELS:
+        return LOCAL_BASE_MODELS[model_name]
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        return get_official_model_name(model_name)
+    except ValueError:
+        return None
+
+
+def model_card(repo_id: str, entries: Sequence[SAEEntry], revision: str = "main", license: str | None = None) -> str:
     """The README.md of a Hub repo holding `entries`, one folder per SAE.
 
-    Hub metadata first (library name, tags for search: sparse-autoencoder, softsae when a SoftSAE is in the
-    repo, sae-lens, and each model name), then what SoftSAE is, how to install and load the SAEs, and per
-    SAE a table of its shape, hook, training tokens, FVE and mean L0, the k_hat statistics and histogram
-    (SoftSAEs only), and SAEBench's headline numbers when the checkpoint held results.
+    Hub metadata first (library name, the license when given, the base models where known, tags for search:
+    sparse-autoencoder, softsae when a SoftSAE is in the repo, sae-lens, and each model name), then what SoftSAE
+    is, how to install and load the SAEs, and per SAE a table of its shape, hook, training tokens, FVE and mean L0,
+    the k_hat statistics and histogram (SoftSAEs only), and SAEBench's headline numbers, with their spread over
+    seeds and their labels (a pipeline check, reduced settings, a decoder that was folded), when the checkpoint
+    held results.
     """
     if not entries:
         raise ValueError("model_card: no SAEs to describe")
     has_softsae = any(entry.facts.get("architecture") == "softsae" for entry in entries)
     models = sorted({str(entry.facts["model_name"]) for entry in entries if entry.facts.get("model_name")})
     tags = ["sparse-autoencoder", *(["softsae"] if has_softsae else []), "sae-lens", *models]
-    metadata = ModelCardData(library_name=LIBRARY_NAME, tags=tags).to_yaml()
+    bases = sorted({b for model in models if (b := base_model(model))})
+    metadata = ModelCardData(
+        library_name=LIBRARY_NAME, tags=tags, license=license, base_model=(bases or None)
+    ).to_yaml()
     example = next((e for e in entries if e.facts.get("architecture") == "softsae"), entries[0]).sae_id
     title = "SoftSAE sparse autoencoders" if has_softsae else "Sparse autoencoders"
     code = ["import softsae_plugin  # registers the softsae architecture with SAE-Lens"] if has_softsae else []
@@ -277,9 +322,10 @@ def _entry_section(entry: SAEEntry) -> list[str]:
     if entry.has_histogram:
         lines += ["", f"![k_hat histogram of {entry.sae_id}]({entry.sae_id}/{K_HAT_HISTOGRAM_FILENAME})"]
     if entry.results:
-        lines += ["", "**SAEBench**", "", "| eval | metric | value |", "|---|---|---|"]
+        lines += ["", "**SAEBench**", "", "| eval | metric | value | notes |", "|---|---|---|---|"]
         for result in entry.results:
-            lines += [f"| {result.eval_type_id} | {title} | {value:.4g} |" for title, value in result.headlines]
+            notes = "; ".join(result.notes).replace("|", "\\|")
+            lines += [f"| {result.eval_type_id} | {title} | {value} | {notes} |" for title, value in result.headlines]
     return [*lines, ""]
 
 

@@ -15,7 +15,12 @@ module only supplies what those functions cannot reach offline, and moves what t
   seeded run repeats), and with `--absorption-vocab-size` the subset its first-letter probe is trained on.
 
 Each replacement is one name looked up inside one SAEBench module, patched only while that step runs; no
-SAEBench file and no metric code changes.
+SAEBench file and no metric code changes. Around SAEBench's calls this module also gives every SAE unit-norm
+decoder rows (folding them as SAEBench does for its own releases, or warning loudly where that is impossible),
+evaluates each SAE from the same random state whatever else shares the command (SAEBench's `run_eval` once per
+SAE, reseeded), repeats everything with `--seeds N` and reports the mean and spread, and labels every number
+whose settings depart from SAEBench's (stand-in datasets, a reduced vocabulary) wherever it travels: the
+result JSON, the table, the plots and the model card.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -66,9 +72,16 @@ TABLE_COLUMNS = (
     "L0",
     "FVE",
     "mean_absorption_fraction_score",
+    "mean_absorption_fraction_score_std",
     "mean_num_split_features",
+    "mean_num_split_features_std",
     "scr_metric_threshold_2",
+    "scr_metric_threshold_2_std",
     "tpp_threshold_10_total_metric",
+    "tpp_threshold_10_total_metric_std",
+    "n_seeds",
+    "decoder",
+    "labels",
 )
 # Where each metric column lives in SAEBench's output JSON: eval type id, metric category, metric name.
 METRIC_SOURCES = {
@@ -88,6 +101,14 @@ OWN_FIELDS = ("model_name", "perform_scr")
 # SAEBench's scr/tpp config has no batch-size default for models outside its own table.
 FALLBACK_LLM_BATCH_SIZE = 32
 LOCAL_DATASET_NOTE = "served from local copies in --datasets-dir"
+# The description eval/make_pipeline_check_datasets.py stores with its stand-in datasets starts with this.
+PIPELINE_CHECK_MARK = "PIPELINE CHECK"
+PIPELINE_CHECK_LABEL = "pipeline check, not a benchmark"
+# SAEBench's own tolerance for unit-norm decoder rows in float32 (sae_bench_utils.general_utils.check_decoder_norms).
+UNIT_NORM_ATOL = 1e-5
+UNIT_ROWS = "unit-norm rows"
+# The key `sae-lens eval` adds to SAEBench's result JSON for the labels of its settings.
+NOTES_KEY = "sae_lens_eval_notes"
 
 
 class EvalError(RuntimeError):
@@ -104,6 +125,7 @@ class SAESpec:
     sae_id: str | None = None
     sae: SAE[Any] | None = None
     training_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    decoder: str = ""  # what SAEBench is given: unit rows, rows folded to unit norm, or a warning (prepare_decoder)
 
     def selection(self) -> tuple[str, SAE[Any] | str]:
         """The (name, SAE object) or (release, SAE id) pair SAEBench's `run_eval` takes."""
@@ -181,6 +203,14 @@ def _parser() -> argparse.ArgumentParser:
         "comparable with full-vocabulary SAEBench numbers",
     )
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="repeat every eval with N seeds (SAEBench's random_seed, +1, ...) and report each metric's mean and "
+        "standard deviation (default 1)",
+    )
+    parser.add_argument(
         "--force-rerun",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -251,8 +281,8 @@ def _default_llm_settings(model_name: str, default_batch_size: int | None) -> di
 
 def _sae_names(paths: Sequence[Path]) -> list[str]:
     # Names must be unique (they name SAEBench's result files): the path below the folders they share.
-    if len(paths) == 1:
-        return [paths[0].name]
+    if len(paths) <= 1:
+        return [path.name for path in paths]
     common = Path(os.path.commonpath([str(p) for p in paths]))
     return [str(p.relative_to(common)).replace(os.sep, "-") or p.name for p in paths]
 
@@ -277,12 +307,52 @@ def load_saes(specs: Sequence[str], device: str) -> list[SAESpec]:
                 raise EvalError(str(err)) from None
             sae = SAE.load_from_disk(str(path), device=device)
             out.append(SAESpec(name=next(names), checkpoint=path, sae=sae, training_summary=summary))
-        elif ":" in spec:
+        elif ":" in spec and not Path(spec.split(":", 1)[0]).exists():
             release, sae_id = spec.split(":", 1)
             out.append(SAESpec(name=f"{release}_{sae_id}".replace("/", "_"), release=release, sae_id=sae_id))
+        elif Path(spec).exists():
+            raise EvalError(f"--sae {spec}: is a file; expected an SAE folder (cfg.json, sae_weights.safetensors)")
         else:
-            raise EvalError(f"--sae {spec!r} is neither a checkpoint folder nor RELEASE:SAE_ID")
+            raise EvalError(f"--sae {spec}: no such folder; expected an SAE folder or an SAE-Lens RELEASE:SAE_ID")
+    for spec_ in out:
+        prepare_decoder(spec_)
     return out
+
+
+def prepare_decoder(spec: SAESpec) -> None:
+    """Give SAEBench unit-norm decoder rows, which its absorption, SCR and TPP metrics assume, and record what was
+    done in `spec.decoder`.
+
+    Rows already of unit norm pass. Otherwise the SAE's own `fold_W_dec_norm` (SAE-Lens') moves the norms into the
+    encoder, as SAEBench does for its releases; an architecture that refuses (SAE-Lens' TopK) is folded anyway
+    when every row has the same norm, since scaling every code alike changes no selection. An SAE that cannot be
+    folded is evaluated as it is, with a loud warning that travels with its numbers. Release SAEs are folded by
+    SAEBench's own loader.
+    """
+    from softsae_plugin.softsae import shared_row_norm
+
+    if spec.sae is None:
+        spec.decoder = "folded by SAEBench's loader (release)"
+        return
+    W_dec = spec.sae.W_dec
+    norms = W_dec.detach().float().norm(dim=-1)
+    if bool(torch.allclose(norms, torch.ones_like(norms), atol=UNIT_NORM_ATOL)):
+        spec.decoder = UNIT_ROWS
+        return
+    shared = shared_row_norm(W_dec)
+    found = f"rows of norm {shared:.4g}" if shared is not None else f"row norms {norms.min():.4g} to {norms.max():.4g}"
+    try:
+        spec.sae.fold_W_dec_norm()
+    except NotImplementedError:
+        if shared is None:
+            spec.decoder = (
+                f"WARNING: decoder {found}, which {spec.sae.cfg.architecture()} cannot fold: SAEBench's absorption, "
+                "SCR and TPP are measured off-scale for this SAE"
+            )
+            print(f"sae-lens eval: {spec.name}: {spec.decoder}", file=sys.stderr)
+            return
+        SAE.fold_W_dec_norm(spec.sae)  # the base class's fold, which the architecture's override refuses
+    spec.decoder = f"folded to unit-norm rows before SAEBench ({found})"
 
 
 def _resolve_model(saes: Sequence[SAESpec], model: str | None) -> str:
@@ -542,6 +612,32 @@ def train_absorption_probes(model: Any, saes: Sequence[SAESpec], config: Any, wo
         )
 
 
+def eval_labels(
+    evals: Sequence[str], served: dict[str, str], absorption_vocab_size: int | None, overrides: dict[str, dict]
+) -> dict[str, list[str]]:
+    """Per SAEBench eval type id, the labels its numbers carry: where its settings depart from SAEBench's own."""
+    labels: dict[str, list[str]] = {ABSORPTION_ID: [], SCR_ID: [], TPP_ID: []}
+    if absorption_vocab_size is not None:
+        labels[ABSORPTION_ID].append(
+            f"reduced vocabulary: first-letter probe on about {absorption_vocab_size} of the model's alphabetic "
+            "tokens, not comparable with full-vocabulary SAEBench numbers"
+        )
+    if served:
+        stand_in = any(note.startswith(PIPELINE_CHECK_MARK) for note in served.values())
+        for eval_id in (SCR_ID, TPP_ID):
+            labels[eval_id].append(
+                f"{PIPELINE_CHECK_LABEL}: stand-in datasets from --datasets-dir"
+                if stand_in
+                else f"datasets from local copies (--datasets-dir): {', '.join(sorted(served))}"
+            )
+    for section, eval_ids in (("absorption", (ABSORPTION_ID,)), ("scr", (SCR_ID,)), ("tpp", (TPP_ID,))):
+        changed = {key: value for key, value in overrides[section].items() if key != "random_seed"}
+        for eval_id in eval_ids:
+            if changed:
+                labels[eval_id].append(f"SAEBench settings changed: {changed}")
+    return labels
+
+
 def run_evals(
     saes: Sequence[SAESpec],
     evals: Sequence[str],
@@ -550,54 +646,32 @@ def run_evals(
     *,
     device: str,
     overrides: dict[str, dict[str, Any]],
+    models: dict[str, Any],
+    seed_offset: int = 0,
     datasets_dir: Path | None = None,
     force_rerun: bool = True,
     absorption_vocab_size: int | None = None,
 ) -> dict[str, str]:
     """Run SAEBench's evals on `saes` and check every result; return the datasets served from local copies.
 
-    SAEBench writes its results to `out/<eval type id>/` and its artifacts to `out/saebench/<model>/`
-    (emptied first under `force_rerun`, so no probe or cached activation from an earlier run is reused).
+    SAEBench's `run_eval` runs once per SAE, each time from the same random state (SAEBench's `random_seed`
+    plus `seed_offset`), so an SAE's numbers do not depend on the other SAEs of the command or their order.
+    `models` holds the model per dtype (see `build_model`), built once for every seed. SAEBench writes its results
+    to `out/<eval type id>/` and its artifacts to `out/saebench/<model>/` (emptied first under `force_rerun`, so
+    no probe or cached activation from an earlier run is reused).
     """
     from sae_bench.evals.absorption import main as absorption_main
-    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
     from sae_bench.evals.scr_and_tpp import main as scr_tpp_main
-    from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
 
     workdir = out / "saebench" / re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
     if force_rerun and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    runs: list[tuple[str, Any, Any, Path]] = []
-    if "absorption" in evals or "splitting" in evals:
-        for spec in saes:
-            if spec.sae is not None:
-                _hook_layer(spec.sae)
-        config = _eval_config(
-            AbsorptionEvalConfig,
-            "absorption",
-            overrides["absorption"],
-            model_name=model_name,
-            **_default_llm_settings(model_name, AbsorptionEvalConfig().llm_batch_size),
-        )
-        runs.append((ABSORPTION_ID, config, absorption_main, out / ABSORPTION_ID))
-    for eval_name, eval_id in (("scr", SCR_ID), ("tpp", TPP_ID)):
-        if eval_name in evals:
-            config = _eval_config(
-                ScrAndTppEvalConfig,
-                eval_name,
-                overrides[eval_name],
-                model_name=model_name,
-                perform_scr=eval_name == "scr",
-                **_default_llm_settings(model_name, None),
-            )
-            runs.append((eval_id, config, scr_tpp_main, out / eval_id))
-
-    models = {config.llm_dtype: build_model(model_name, saes, config.llm_dtype, device) for _, config, _, _ in runs}
     served: dict[str, str] = {}
-    selected = [spec.selection() for spec in saes]
-    for eval_id, config, module, eval_dir in runs:
-        print(f"== SAEBench {eval_id} on {len(saes)} SAE(s), model {model_name}", flush=True)
+    for eval_id, config in eval_configs(evals, model_name, overrides, seed_offset).items():
+        module = absorption_main if eval_id == ABSORPTION_ID else scr_tpp_main
+        eval_dir = out / eval_id
+        print(f"== SAEBench {eval_id} on {len(saes)} SAE(s), model {model_name}, seed {config.random_seed}", flush=True)
         started = time.time()
         with ExitStack() as stack:
             stack.enter_context(serve_model(module, model_name, models))
@@ -606,36 +680,92 @@ def run_evals(
                 train_absorption_probes(models[config.llm_dtype], saes, config, workdir, device)
                 stack.enter_context(absorption_artifacts_in(workdir))
                 eval_dir.mkdir(parents=True, exist_ok=True)  # SAEBench's absorption CLI makes it, run_eval does not
-                _seed(config.random_seed)
-                module.run_eval(config, selected, device, str(eval_dir), force_rerun=force_rerun)
+                run = partial(module.run_eval, output_path=str(eval_dir))
                 explain: Callable[[SAESpec], str] = partial(_absorption_skip_reason, workdir, config=config)
             else:
                 if datasets_dir is not None:
                     stack.enter_context(serve_datasets(datasets_dir, served))
-                _seed(config.random_seed)
-                module.run_eval(
-                    config, selected, device, str(out), force_rerun=force_rerun, artifacts_path=str(workdir)
-                )
+                run = partial(module.run_eval, output_path=str(out), artifacts_path=str(workdir))
                 explain = _no_reason
+            for spec in saes:
+                _seed(config.random_seed)
+                run(config=config, selected_saes=[spec.selection()], device=device, force_rerun=force_rerun)
         check_results(eval_id, saes, eval_dir, started, force_rerun, explain)
     return served
+
+
+def eval_configs(
+    evals: Sequence[str], model_name: str, overrides: dict[str, dict[str, Any]], seed_offset: int = 0
+) -> dict[str, Any]:
+    """SAEBench's config for each eval type id to run, its random_seed moved on by `seed_offset`."""
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+    from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
+
+    configs: dict[str, Any] = {}
+    if "absorption" in evals or "splitting" in evals:
+        configs[ABSORPTION_ID] = _eval_config(
+            AbsorptionEvalConfig,
+            "absorption",
+            overrides["absorption"],
+            model_name=model_name,
+            **_default_llm_settings(model_name, AbsorptionEvalConfig().llm_batch_size),
+        )
+    for eval_name, eval_id in (("scr", SCR_ID), ("tpp", TPP_ID)):
+        if eval_name in evals:
+            configs[eval_id] = _eval_config(
+                ScrAndTppEvalConfig,
+                eval_name,
+                overrides[eval_name],
+                model_name=model_name,
+                perform_scr=eval_name == "scr",
+                **_default_llm_settings(model_name, None),
+            )
+    for config in configs.values():
+        config.random_seed += seed_offset
+    return configs
+
+
+def label_results(saes: Sequence[SAESpec], out: Path, labels: dict[str, list[str]]) -> None:
+    """Add each eval's labels (`eval_labels`) and each SAE's decoder note to SAEBench's result JSON files."""
+    for spec in saes:
+        for eval_id, notes in labels.items():
+            path = spec.result_path(out / eval_id)
+            if path.exists():
+                result = json.loads(path.read_text())
+                result[NOTES_KEY] = [*notes, f"decoder: {spec.decoder}"]
+                path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def summary_rows(saes: Sequence[SAESpec], evals: Sequence[str], out: Path) -> list[dict[str, Any]]:
-    """One row per SAE: its architecture, k, L0 and FVE (from training_summary.json) and SAEBench's metrics."""
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, std
+
+
+def summary_rows(
+    saes: Sequence[SAESpec], evals: Sequence[str], runs: Sequence[Path], labels: dict[str, list[str]]
+) -> list[dict[str, Any]]:
+    """One row per SAE: its architecture, k, L0 and FVE (from training_summary.json) and each SAEBench metric's
+    mean and standard deviation over the seeds' output folders `runs`, with the values, the labels and the
+    decoder note."""
     wanted = {metric for name in evals for metric in EVAL_METRICS[name]}
     rows = []
     for spec in saes:
-        results = {
-            eval_id: json.loads(path.read_text())
-            for eval_id in (ABSORPTION_ID, SCR_ID, TPP_ID)
-            if (path := spec.result_path(out / eval_id)).exists()
-        }
-        sae_cfg = next(iter(results.values()))["sae_cfg_dict"] if results else {}
+        results = [
+            {
+                eval_id: json.loads(path.read_text())
+                for eval_id in (ABSORPTION_ID, SCR_ID, TPP_ID)
+                if (path := spec.result_path(run / eval_id)).exists()
+            }
+            for run in runs
+        ]
+        sae_cfg = next(iter(results[0].values()))["sae_cfg_dict"] if results[0] else {}
         summary = spec.training_summary
         row: dict[str, Any] = {
             "SAE": spec.name,
@@ -643,10 +773,22 @@ def summary_rows(saes: Sequence[SAESpec], evals: Sequence[str], out: Path) -> li
             "k": _number(summary.get("k", sae_cfg.get("k"))),
             "L0": _number(summary.get("mean_l0")),
             "FVE": _number(summary.get("fve")),
+            "n_seeds": len(runs),
+            "decoder": spec.decoder,
+            "metrics": {},
         }
         for metric, (eval_id, category) in METRIC_SOURCES.items():
-            value = results[eval_id]["eval_result_metrics"][category][metric] if metric in wanted else None
-            row[metric] = _number(value)
+            if metric not in wanted:
+                continue
+            values = [_number(r[eval_id]["eval_result_metrics"][category][metric]) for r in results if eval_id in r]
+            mean, std = _mean_std([v for v in values if v is not None])
+            row["metrics"][metric] = {
+                "eval_type_id": eval_id,
+                "mean": mean,
+                "std": std,
+                "values": values,
+                "labels": labels[eval_id],
+            }
         rows.append(row)
     return rows
 
@@ -659,6 +801,20 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _cell(metric: dict[str, Any] | None) -> str:
+    if metric is None or metric["mean"] is None:
+        return ""
+    return _format(metric["mean"]) + (f" ± {metric['std']:.4f}" if metric["std"] is not None else "")
+
+
+def _short_label(labels: Sequence[str]) -> str:
+    return (
+        " (pipeline check)"
+        if any(label.startswith(PIPELINE_CHECK_LABEL) for label in labels)
+        else (" (reduced settings)" if labels else "")
+    )
+
+
 def write_summary(
     rows: Sequence[dict[str, Any]],
     out: Path,
@@ -668,30 +824,54 @@ def write_summary(
     served: dict[str, str],
     notes: Sequence[str] = (),
 ) -> tuple[Path, Path]:
-    """Write `summary.csv` and `summary.md` (with the model, hooks, dataset provenance and any departures
-    from SAEBench's defaults in `notes`); return both paths."""
+    """Write `summary.csv` and `summary.md` (with the model, hooks, dataset provenance, the seeds, each metric's
+    labels, each SAE's decoder note and any other `notes`); return both paths."""
     csv_path, md_path = out / "summary.csv", out / "summary.md"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
         writer.writeheader()
-        writer.writerows({key: _format(row[key]) for key in TABLE_COLUMNS} for row in rows)
+        for row in rows:
+            metrics = row["metrics"]
+            cells = {key: _format(row.get(key)) for key in TABLE_COLUMNS[:5]}
+            for metric in METRIC_SOURCES:
+                cells[metric] = _format(metrics[metric]["mean"]) if metric in metrics else ""
+                cells[f"{metric}_std"] = _format(metrics[metric]["std"]) if metric in metrics else ""
+            labels = sorted({label for m in metrics.values() for label in m["labels"]})
+            cells.update(n_seeds=str(row["n_seeds"]), decoder=row["decoder"], labels="; ".join(labels))
+            writer.writerow(cells)
     hooks = sorted({str(s.sae.cfg.metadata.hook_name) for s in saes if s.sae is not None})
+    seeds = rows[0]["n_seeds"] if rows else 1
     lines = [
         f"# SAEBench results: {model_name}" + (f", {', '.join(hooks)}" if hooks else ""),
         "",
         "L0 and FVE come from each checkpoint's training_summary.json; every other column is SAEBench's own "
-        "metric, from the JSON files beside this table.",
+        "metric, from the JSON files beside this table"
+        + (
+            f": the mean ± standard deviation over {seeds} seeds, each SAE evaluated alone from each seed."
+            if seeds > 1
+            else ", each SAE evaluated alone from the same seed."
+        ),
     ]
     lines += [f"\nSCR/TPP dataset {name}: {note}" for name, note in sorted(served.items())]
+    metric_labels = {m: r["metrics"][m]["labels"] for r in rows for m in r["metrics"]}
+    for metric, labels in sorted(metric_labels.items()):
+        lines += [f"\n{metric}: {label}" for label in labels]
+    lines += [f"\nDecoder of {row['SAE']}: {row['decoder']}" for row in rows if row["decoder"] != UNIT_ROWS]
     lines += [f"\n{note}" for note in notes]
-    lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(_format(row[key]) for key in TABLE_COLUMNS) + " |" for row in rows]
+    header = [*TABLE_COLUMNS[:5], *(f"{m}{_short_label(metric_labels.get(m, []))}" for m in METRIC_SOURCES)]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [_format(row.get(key)) for key in TABLE_COLUMNS[:5]]
+        cells += [_cell(row["metrics"].get(m)) for m in METRIC_SOURCES]
+        warning = " (decoder not unit norm!)" if row["decoder"].startswith("WARNING") else ""
+        lines.append("| " + " | ".join(cells).replace(row["SAE"], row["SAE"] + warning, 1) + " |")
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
 
 def plot_metrics(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
-    """One PNG per metric against L0, a line per architecture; rows without L0 or the metric are left out."""
+    """One PNG per metric against L0, a line per architecture with the seeds' standard deviation as error bars;
+    rows without L0 or the metric are left out, and the title carries the metric's labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -699,16 +879,31 @@ def plot_metrics(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
 
     paths = []
     for metric in METRIC_SOURCES:
-        points = [r for r in rows if r["L0"] is not None and r[metric] is not None]
+        points = [r for r in rows if r["L0"] is not None and (r["metrics"].get(metric) or {}).get("mean") is not None]
         if not points:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for arch in sorted({str(r["architecture"]) for r in points}):
             mine = sorted((r for r in points if str(r["architecture"]) == arch), key=lambda r: r["L0"])
-            ax.plot([r["L0"] for r in mine], [r[metric] for r in mine], marker="o", label=arch)
+            ax.errorbar(
+                [r["L0"] for r in mine],
+                [r["metrics"][metric]["mean"] for r in mine],
+                yerr=[r["metrics"][metric]["std"] or 0 for r in mine],
+                marker="o",
+                capsize=3,
+                label=arch,
+            )
+        labels = points[0]["metrics"][metric]["labels"]
         ax.set_xlabel("L0 (mean active latents)")
         ax.set_ylabel(metric)
-        ax.set_title(f"SAEBench {metric}")
+        seeds = points[0]["n_seeds"]
+        ax.set_title(
+            f"SAEBench {metric}"
+            + (f", mean ± sd of {seeds} seeds" if seeds > 1 else "")
+            + ("\n" + PIPELINE_CHECK_LABEL.upper() if _short_label(labels) == " (pipeline check)" else "")
+            + ("\nreduced settings: see summary.md" if _short_label(labels) == " (reduced settings)" else ""),
+            fontsize=9,
+        )
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"{metric}_vs_L0.png"
@@ -718,16 +913,21 @@ def plot_metrics(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def copy_to_checkpoints(saes: Sequence[SAESpec], rows: Sequence[dict[str, Any]], out: Path, model_name: str) -> None:
-    """Copy each checkpoint's SAEBench results and its summary row into `<checkpoint>/eval/`."""
+def copy_to_checkpoints(
+    saes: Sequence[SAESpec], rows: Sequence[dict[str, Any]], runs: Sequence[Path], model_name: str
+) -> None:
+    """Copy each checkpoint's SAEBench results (one folder per seed) and its summary row (means, spreads, labels,
+    decoder note: what the model card shows) into `<checkpoint>/eval/`."""
     for spec, row in zip(saes, rows, strict=True):
         if spec.checkpoint is None:
             continue
         target = spec.checkpoint / "eval"
-        target.mkdir(exist_ok=True)
-        for eval_id in (ABSORPTION_ID, SCR_ID, TPP_ID):
-            if (path := spec.result_path(out / eval_id)).exists():
-                shutil.copy2(path, target / f"{eval_id}_eval_results.json")
+        shutil.rmtree(target, ignore_errors=True)
+        for run in runs:
+            for eval_id in (ABSORPTION_ID, SCR_ID, TPP_ID):
+                if (path := spec.result_path(run / eval_id)).exists():
+                    (target / run.name).mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, target / run.name / f"{eval_id}_eval_results.json")
         (target / "summary.json").write_text(json.dumps({"model_name": model_name, **row}, indent=2) + "\n")
 
 
@@ -735,34 +935,41 @@ def main(argv: Sequence[str]) -> None:
     """Entry point of `sae-lens eval` (see `sae-lens eval --help`)."""
     args = _parser().parse_args(argv)
     try:
+        if args.seeds < 1:
+            raise EvalError(f"--seeds {args.seeds}: expected a positive number of seeds")
         evals = _parse_evals(args.evals)
         overrides = _override_sections(args)
         saes = load_saes(args.sae, args.device)
         model_name = _resolve_model(saes, args.model)
         out = args.out.resolve()
         out.mkdir(parents=True, exist_ok=True)
-        served = run_evals(
-            saes,
-            evals,
-            model_name,
-            out,
-            device=args.device,
-            overrides=overrides,
-            datasets_dir=args.datasets_dir.resolve() if args.datasets_dir else None,
-            force_rerun=args.force_rerun,
-            absorption_vocab_size=args.absorption_vocab_size,
-        )
+        configs = eval_configs(evals, model_name, overrides)
+        models = {c.llm_dtype: build_model(model_name, saes, c.llm_dtype, args.device) for c in configs.values()}
+        runs = [out / f"seed-{offset}" for offset in range(args.seeds)]
+        served: dict[str, str] = {}
+        for offset, run in enumerate(runs):
+            served = run_evals(
+                saes,
+                evals,
+                model_name,
+                run,
+                device=args.device,
+                overrides=overrides,
+                models=models,
+                seed_offset=offset,
+                datasets_dir=args.datasets_dir.resolve() if args.datasets_dir else None,
+                force_rerun=args.force_rerun,
+                absorption_vocab_size=args.absorption_vocab_size,
+            )
     except EvalError as err:
-        raise SystemExit(f"sae-lens eval: error: {err}") from None
-    rows = summary_rows(saes, evals, out)
-    notes = [f"SAEBench config set by this run (--set/--eval-config): {overrides}"] if any(overrides.values()) else []
-    if args.absorption_vocab_size is not None:
-        notes.append(
-            f"Absorption/splitting: SAEBench's first-letter probe was trained on about "
-            f"{args.absorption_vocab_size} of the model's alphabetic tokens (--absorption-vocab-size), not all."
-        )
-    _, md_path = write_summary(rows, out, model_name=model_name, saes=saes, served=served, notes=notes)
+        print(f"sae-lens eval: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    labels = eval_labels(evals, served, args.absorption_vocab_size, overrides)
+    for run in runs:
+        label_results(saes, run, labels)
+    rows = summary_rows(saes, evals, runs, labels)
+    _, md_path = write_summary(rows, out, model_name=model_name, saes=saes, served=served)
     plot_metrics(rows, out)
     if args.checkpoint_eval:
-        copy_to_checkpoints(saes, rows, out, model_name)
+        copy_to_checkpoints(saes, rows, runs, model_name)
     print(md_path.read_text())

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)"
     )
     parser.add_argument(
+        "--license", metavar="ID", help="the license of the SAEs for the card's metadata, e.g. apache-2.0 or mit"
+    )
+    parser.add_argument(
         "--overwrite-readme", action="store_true", help=f"replace a {README} that sae-lens push did not write"
     )
     return parser
@@ -122,6 +125,7 @@ def main(argv: Sequence[str]) -> None:
             revision=args.revision,
             private=args.private,
             overwrite_readme=args.overwrite_readme,
+            license=args.license,
         )
     except HfHubHTTPError as err:
         raise SystemExit(_refusal_message(err, args.repo_id)) from None
@@ -173,6 +177,7 @@ def push(
     private: bool = False,
     overwrite_readme: bool = False,
     show_progress: bool = True,
+    license: str | None = None,
 ) -> str:
     """Upload checkpoint folders (SAE id -> folder) to a Hub repo, with a model card; return the repo's URL.
 
@@ -204,7 +209,7 @@ def push(
         existing, readme = _read_repo(repo_id, revision, remote_files, exclude=set(checkpoints), into=Path(tmp))
     entries = sorted(existing + [read_entry(i, f) for i, f in checkpoints.items()], key=lambda e: e.sae_id)
     if readme is None or CARD_MARKER in readme or overwrite_readme:
-        card = model_card(repo_id, entries, revision)
+        card = model_card(repo_id, entries, revision, license=license)
         operations.append(CommitOperationAdd(README, card.encode()))
     else:
         print(f"sae-lens push: {README} in {repo_id} was not written by sae-lens push; kept (see --overwrite-readme)")

@@ -1,6 +1,7 @@
 """`sae-lens eval`: SAEBench's own absorption, splitting, SCR and TPP, through the console script, on SAEs trained
 on the real SmolLM2-135M (a shallow layer, so that 2 CPU cores finish in minutes)."""
 
+import csv
 import json
 import math
 import os
@@ -16,17 +17,21 @@ import sae_bench
 import torch
 from datasets import Dataset, DatasetDict, DatasetInfo
 from sae_lens import SAE
+from sae_lens.constants import SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+from safetensors.torch import load_file, save_file
 
 from softsae_plugin.evaluate import (
     ABSORPTION_ID,
+    NOTES_KEY,
     SCR_ID,
     TABLE_COLUMNS,
     TPP_ID,
     EvalError,
     SAESpec,
     check_results,
+    prepare_decoder,
     probe_vocabulary,
     serve_datasets,
 )
@@ -63,10 +68,23 @@ def train(out: Path, architecture: str) -> Path:
     return out
 
 
+def scaled_twin(checkpoint: Path, out: Path, scale: float) -> Path:
+    """The same SAE with every decoder row scaled by `scale` and the encoder by 1/scale: the same function, rows of
+    norm `scale` (how SoftSAEs were saved before their rows were folded to unit norm)."""
+    shutil.copytree(checkpoint, out, ignore=shutil.ignore_patterns("eval"))
+    weights = load_file(out / SAE_WEIGHTS_FILENAME)
+    weights["W_dec"], weights["W_enc"] = weights["W_dec"] * scale, weights["W_enc"] / scale
+    save_file(weights, out / SAE_WEIGHTS_FILENAME)
+    return out
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("saes")
-    return {arch: train(root / arch, arch) for arch in ("topk", "softsae")}
+    saes = {arch: train(root / arch, arch) for arch in ("topk", "softsae")}
+    for arch in ("topk", "softsae"):
+        saes[f"{arch}_twin"] = scaled_twin(saes[arch], root / f"{arch}_twin", 1 / 4.2)
+    return saes
 
 
 def metrics(path: Path) -> dict:
@@ -78,43 +96,81 @@ def files_changed_since(folder: Path, since: float) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.stat().st_mtime >= since]
 
 
+# The order of the --sae flags: each twin is evaluated at another position than its original.
+ABSORPTION_SAES = ("topk", "softsae", "softsae_twin", "topk_twin")
+
+
 @pytest.fixture(scope="module")
 def absorption_run(checkpoints, tmp_path_factory):
     out, cwd = tmp_path_factory.mktemp("absorption"), tmp_path_factory.mktemp("cwd")
     started = time.time()
+    saes = [arg for name in ABSORPTION_SAES for arg in ("--sae", str(checkpoints[name]))]
     result = run_cli(
-        "eval", "--evals", "absorption,splitting", "--sae", str(checkpoints["topk"]), "--sae",
-        str(checkpoints["softsae"]), "--out", str(out), *ABSORPTION_ARGS, cwd=cwd,
+        "eval", "--evals", "absorption,splitting", *saes, "--out", str(out), "--seeds", "2", *ABSORPTION_ARGS, cwd=cwd
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"out": out, "cwd": cwd, "started": started, "stdout": result.stdout}
+
+
+def result_file(out: Path, name: str, seed: int = 0, eval_id: str = ABSORPTION_ID) -> Path:
+    return out / f"seed-{seed}" / eval_id / f"{name}_custom_sae_eval_results.json"
 
 
 @pytest.mark.slow
 def test_absorption_and_splitting_on_softsae_and_topk(absorption_run, checkpoints):
     out = absorption_run["out"]
     for name in ("topk", "softsae"):
-        mean = metrics(out / ABSORPTION_ID / f"{name}_custom_sae_eval_results.json")["mean"]
-        assert math.isfinite(mean["mean_absorption_fraction_score"]), name
-        assert 0 <= mean["mean_absorption_fraction_score"] <= 1, name
-        assert math.isfinite(mean["mean_num_split_features"]) and mean["mean_num_split_features"] >= 1, name
-        copied = checkpoints[name] / "eval" / f"{ABSORPTION_ID}_eval_results.json"
-        assert metrics(copied)["mean"] == mean
+        means = [metrics(result_file(out, name, seed))["mean"] for seed in (0, 1)]
+        for mean in means:
+            assert math.isfinite(mean["mean_absorption_fraction_score"]), name
+            assert 0 <= mean["mean_absorption_fraction_score"] <= 1, name
+            assert math.isfinite(mean["mean_num_split_features"]) and mean["mean_num_split_features"] >= 1, name
+        copied = checkpoints[name] / "eval" / "seed-1" / f"{ABSORPTION_ID}_eval_results.json"
+        assert metrics(copied)["mean"] == means[1]
         row = json.loads((checkpoints[name] / "eval" / "summary.json").read_text())
-        assert row["model_name"] == SMOLLM2_ID and row["mean_num_split_features"] == mean["mean_num_split_features"]
-    lines = (out / "summary.csv").read_text().splitlines()
-    assert lines[0].split(",") == list(TABLE_COLUMNS)
-    rows = {line.split(",")[0]: dict(zip(TABLE_COLUMNS, line.split(","), strict=True)) for line in lines[1:]}
+        split = row["metrics"]["mean_num_split_features"]
+        assert row["model_name"] == SMOLLM2_ID and split["values"] == [m["mean_num_split_features"] for m in means]
+        # Two seeds give a finite spread (SAEBench's probe training and prompt sampling both move with the seed).
+        assert math.isfinite(row["metrics"]["mean_absorption_fraction_score"]["std"])
+        assert row["decoder"] == "unit-norm rows"
+    with (out / "summary.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == list(TABLE_COLUMNS)
+        rows = {row["SAE"]: row for row in reader}
     assert rows["softsae"]["architecture"] == "softsae" and rows["topk"]["architecture"] == "topk"
     assert float(rows["topk"]["L0"]) == 8 and math.isfinite(float(rows["softsae"]["FVE"]))
     assert rows["topk"]["scr_metric_threshold_2"] == ""  # not run
+    assert rows["softsae"]["n_seeds"] == "2" and float(rows["softsae"]["mean_absorption_fraction_score_std"]) >= 0
+    assert "reduced vocabulary" in rows["softsae"]["labels"]
     assert "| softsae |" in (out / "summary.md").read_text()
+    labelled = json.loads(result_file(out, "softsae").read_text())[NOTES_KEY]
+    assert any("reduced vocabulary" in note for note in labelled) and "decoder: unit-norm rows" in labelled
     for metric in ("mean_absorption_fraction_score", "mean_num_split_features"):
         assert (out / f"{metric}_vs_L0.png").stat().st_size > 1000
     # Every artifact lands in the output folder: none in SAEBench's package, none in the working directory.
     assert not files_changed_since(Path(sae_bench.__file__).parent, absorption_run["started"])
     assert not list(absorption_run["cwd"].iterdir())
-    assert (out / "saebench" / SMOLLM2_ID / "artifacts" / "absorption" / "probes" / SMOLLM2_ID / "layer_2").is_dir()
+    probes = out / "seed-0" / "saebench" / SMOLLM2_ID / "artifacts" / "absorption" / "probes" / SMOLLM2_ID
+    assert (probes / "layer_2").is_dir()
+
+
+@pytest.mark.slow
+def test_an_sae_scores_the_same_wherever_it_stands_and_whatever_its_decoder_scale(absorption_run, checkpoints):
+    """Each twin (decoder rows of norm 1/4.2, the encoder scaled to match: the same SAE) scores what its original
+    scores, to float noise, though it stands elsewhere in the command: SAEBench sees unit-norm rows (the SoftSAE's
+    are folded when it loads, the TopK's by `sae-lens eval`), and every SAE is evaluated from the same seed."""
+    out = absorption_run["out"]
+    for seed in (0, 1):
+        original, twin = (metrics(result_file(out, n, seed))["mean"] for n in ("softsae", "softsae_twin"))
+        assert twin == pytest.approx(original, abs=1e-6), seed
+    # The TopK twin is folded by `sae-lens eval`; folding divides by norms that are 1 only to float rounding, and a
+    # last-bit difference in the encoder can move SAEBench's discrete k-sparse probing (a split-feature count).
+    topk_twin = json.loads((checkpoints["topk_twin"] / "eval" / "summary.json").read_text())
+    assert topk_twin["decoder"] == "folded to unit-norm rows before SAEBench (rows of norm 0.2381)"
+    for seed in (0, 1):
+        original, twin = (metrics(result_file(out, n, seed))["mean"] for n in ("topk", "topk_twin"))
+        assert twin["mean_absorption_fraction_score"] == pytest.approx(original["mean_absorption_fraction_score"],
+                                                                        abs=0.02)  # fmt: skip
 
 
 REFERENCE = """
@@ -153,8 +209,8 @@ def test_adapter_leaves_saebench_absorption_unchanged(absorption_run, checkpoint
     package, so that its default artifact folders are writable) give the same metrics as `sae-lens eval`."""
     copy = tmp_path / "site"
     shutil.copytree(Path(sae_bench.__file__).parent, copy / "sae_bench", ignore=shutil.ignore_patterns("__pycache__"))
-    ours = absorption_run["out"] / ABSORPTION_ID / "topk_custom_sae_eval_results.json"
-    probes = absorption_run["out"] / "saebench" / SMOLLM2_ID / "artifacts" / "absorption" / "probes"
+    ours = result_file(absorption_run["out"], "topk")
+    probes = absorption_run["out"] / "seed-0" / "saebench" / SMOLLM2_ID / "artifacts" / "absorption" / "probes"
     result = subprocess.run(
         [sys.executable, "-c", REFERENCE, str(copy), str(checkpoints["topk"]), str(probes), str(ours), str(tmp_path)],
         capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**ENV, "PYTHONPATH": str(copy)},
@@ -174,7 +230,7 @@ def test_absorption_skip_fails_loudly(absorption_run, checkpoints):
     """SAEBench skips absorption (printing a message, writing nothing) when too few first-letter probes pass;
     `sae-lens eval` must fail and say why. Reuses the first run's probes and k-sparse probing (no force-rerun)."""
     out = absorption_run["out"]
-    (out / ABSORPTION_ID / "topk_custom_sae_eval_results.json").unlink()
+    result_file(out, "topk").unlink()
     result = run_cli(
         "eval", "--evals", "absorption", "--sae", str(checkpoints["topk"]), "--out", str(out), "--no-force-rerun",
         "--no-checkpoint-eval", *ABSORPTION_ARGS, "--set", "absorption.min_feats_for_eval=27", cwd=out,
@@ -211,15 +267,21 @@ def test_scr_and_tpp_on_pipeline_check_datasets(checkpoints, pipeline_check_data
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    scr = metrics(out / SCR_ID / "softsae_custom_sae_eval_results.json")["scr_metrics"]
-    tpp = metrics(out / TPP_ID / "softsae_custom_sae_eval_results.json")["tpp_metrics"]
+    scr = metrics(result_file(out, "softsae", eval_id=SCR_ID))["scr_metrics"]
+    tpp = metrics(result_file(out, "softsae", eval_id=TPP_ID))["tpp_metrics"]
     assert math.isfinite(scr["scr_metric_threshold_2"]) and math.isfinite(tpp["tpp_threshold_10_total_metric"])
     # The probes SAEBench trains on the model's activations learn the written-in labels.
-    settings = json.loads((out / TPP_ID / "softsae_custom_sae_eval_results.json").read_text())
+    settings = json.loads(result_file(out, "softsae", eval_id=TPP_ID).read_text())
     assert settings["eval_config"]["train_set_size"] == 200
+    # The label travels with the numbers: result JSON, table, CSV, plot title and the checkpoint's summary row.
+    assert any(note.startswith("pipeline check, not a benchmark") for note in settings[NOTES_KEY])
     summary = (out / "summary.md").read_text()
     assert "PIPELINE CHECK ONLY" in summary and "canrager/amazon_reviews_mcauley_1and5" in summary
+    assert "scr_metric_threshold_2 (pipeline check)" in summary
+    assert "pipeline check, not a benchmark" in (out / "summary.csv").read_text()
     assert (out / "scr_metric_threshold_2_vs_L0.png").exists()
+    row = json.loads((checkpoints["softsae"] / "eval" / "summary.json").read_text())
+    assert row["metrics"]["tpp_threshold_10_total_metric"]["labels"][0].startswith("pipeline check, not a benchmark")
 
 
 def test_help_names_each_eval():
@@ -244,13 +306,28 @@ def tiny_checkpoint(tmp_path) -> Path:
         (["--set", "scr.model_name=gpt2"], "set by sae-lens eval itself"),
         (["--set", "splitting.max_k_value=3"], "computed by the absorption eval"),
         (["--model", "gemma-2-2b"], "trained on other models"),
+        (["--sae", "/nonexistent"], "--sae /nonexistent: no such folder"),
+        (["--seeds", "0"], "--seeds 0: expected a positive number"),
     ],
 )
-def test_bad_options_are_clear_errors(tiny_checkpoint, tmp_path, args, message):
+def test_bad_options_are_clear_errors(tiny_checkpoint, tmp_path, args, message, capsys):
     from softsae_plugin.evaluate import main
 
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--sae", str(tiny_checkpoint), "--out", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("sae-lens eval: error: ") and message in error
+
+
+def test_an_sae_that_cannot_be_folded_is_evaluated_with_a_loud_warning(tiny_checkpoint):
+    spec = SAESpec(name="tiny", sae=SAE.load_from_disk(str(tiny_checkpoint)))
+    with torch.no_grad():
+        spec.sae.W_dec /= spec.sae.W_dec.norm(dim=-1, keepdim=True)
+        spec.sae.W_dec[0] *= 3  # rows of different norms: TopK refuses, and no single factor folds them
+    prepare_decoder(spec)
+    assert spec.decoder.startswith("WARNING: decoder row norms 1 to 3, which topk cannot fold")
+    assert float(spec.sae.W_dec.norm(dim=-1).max()) == pytest.approx(3)
 
 
 def test_a_result_saebench_kept_from_an_earlier_run_is_an_error(tiny_checkpoint, tmp_path):

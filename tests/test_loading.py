@@ -77,8 +77,10 @@ def test_a_damaged_sae_folder_is_a_clear_error(softsae_folder: Path, damage_sae,
 @pytest.mark.parametrize(("how", "message"), DAMAGE[:2])
 def test_eval_and_push_refuse_a_damaged_sae_first(softsae_folder, damage_sae, tmp_path, capsys, how, message) -> None:
     damage_sae(softsae_folder, how)
-    with pytest.raises(SystemExit, match="sae-lens eval: error: --sae: .*" + message):
+    with pytest.raises(SystemExit) as exit_info:
         eval_main(["--sae", str(softsae_folder), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert re.search("sae-lens eval: error: --sae: .*" + message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         push_main([str(softsae_folder), "--repo-id", "user/name"])

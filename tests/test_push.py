@@ -26,7 +26,7 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAEConfig
 
 from softsae_plugin import SoftSAE, SoftTrainingSAEConfig, train_on_activations
-from softsae_plugin.card import CARD_MARKER
+from softsae_plugin.card import CARD_MARKER, model_card, read_entry
 from softsae_plugin.push import main as push_main
 
 SAE_LENS = str(Path(sys.executable).with_name("sae-lens"))
@@ -282,9 +282,9 @@ def test_push_then_from_pretrained_round_trip(hub: FakeHub, checkpoints: dict[st
     assert f"mean {summary['k_hat']['mean']:.2f} (std {summary['k_hat']['std']:.2f})" in body
     assert "![k_hat histogram of softsae_k4](softsae_k4/k_hat_histogram.png)" in body
     # SAEBench: the headline metrics its schema marks for display, not every number in the file.
-    assert "| core | KL Divergence Score | 0.9123 |" in body
-    assert "| core | Explained Variance | 0.8765 |" in body
-    assert "| core | L0 Sparsity | 4.125 |" in body
+    assert "| core | KL Divergence Score | 0.9123 |  |" in body
+    assert "| core | Explained Variance | 0.8765 |  |" in body
+    assert "| core | L0 Sparsity | 4.125 |  |" in body
     assert "kl_div_with_ablation" not in body and "5.25" not in body
     assert "SAE.from_pretrained('user/name', 'softsae_k4')" in capsys.readouterr().out
 
@@ -402,3 +402,30 @@ def test_help_documents_the_command() -> None:
         assert text in result.stdout, text
     assert "hf auth login" in result.stdout
     assert "SAE.from_pretrained(" in result.stdout
+
+
+def test_card_shows_each_metric_with_its_spread_labels_and_decoder_note(tmp_path, checkpoints) -> None:
+    """What `sae-lens eval` leaves in eval/summary.json (means over seeds, labels) reaches the card, and the card's
+    metadata names the license given and the base model where it is known."""
+    soft = tmp_path / "soft"
+    shutil.copytree(checkpoints["softsae"], soft, ignore=shutil.ignore_patterns("eval"))
+    summary = json.loads((soft / "training_summary.json").read_text())
+    (soft / "training_summary.json").write_text(json.dumps({**summary, "model_name": "smollm2-135m-instruct-q4_1"}))
+    stand_in = "pipeline check, not a benchmark: stand-in datasets from --datasets-dir"
+    metrics = {
+        "scr_metric_threshold_2": {"eval_type_id": "scr", "mean": 0.04, "std": 0.012, "values": [0.03, 0.05, 0.04],
+                                   "labels": [stand_in]},
+        "mean_absorption_fraction_score": {"eval_type_id": "absorption_first_letter", "mean": 0.2, "std": None,
+                                           "values": [0.2], "labels": []},
+    }  # fmt: skip
+    (soft / "eval").mkdir()
+    row = {"SAE": "soft", "n_seeds": 3, "decoder": "folded to unit-norm rows before SAEBench (rows of norm 0.2)"}
+    (soft / "eval" / "summary.json").write_text(json.dumps({**row, "metrics": metrics}))
+    card = model_card("user/name", [read_entry("soft", soft)], license="apache-2.0")
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["license"] == "apache-2.0" and front["base_model"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert (
+        "| scr | scr_metric_threshold_2 | 0.04 ± 0.012 (3 seeds) | pipeline check, not a benchmark: stand-in "
+        "datasets from --datasets-dir; decoder: folded to unit-norm rows before SAEBench (rows of norm 0.2) |"
+    ) in card
+    assert "| absorption_first_letter | mean_absorption_fraction_score | 0.2 | decoder: folded" in card
