@@ -974,8 +974,9 @@ def write_report(results: dict[str, Any], scale_name: str, scale: Scale, out: Pa
         "pointed at the locally built model while the cache runner was constructed. BOS tokens excluded from "
         f"training and evaluation (`exclude_special_tokens`). d_sae {scale.lm_d_sae}, {scale.lm_steps} steps x "
         f"{scale.lm_batch} tokens. FVE/L0 on {lm['n_heldout_tokens']} held-out tokens: rows of paragraphs never "
-        "trained on (every 10th paragraph of every article, `softsae_plugin.text`'s held-out split); loss recovered = SAE-Lens' `get_downstream_reconstruction_metrics` (CE with the SAE spliced in, "
-        f"clean, zero-ablated) on {scale.lm_eval_batches * scale.lm_eval_prompts} held-out rows.",
+        "trained on (every 10th paragraph of every article, `softsae_plugin.text`'s held-out split); loss "
+        "recovered = SAE-Lens' `get_downstream_reconstruction_metrics` (CE with the SAE spliced in, clean, "
+        f"zero-ablated) on {scale.lm_eval_batches * scale.lm_eval_prompts} held-out rows.",
         "",
     ]
     L += _lr_table(lm, "FVE")

@@ -51,6 +51,13 @@ def _pick(tensors: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
     raise ValueError(f"activations: {path} holds {sorted(tensors)}; expected one tensor or one named 'activations'")
 
 
+def split_heldout(matrix: torch.Tensor, fraction: float, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the rows of `matrix` into (training rows, held-out rows), a random `fraction` held out (seeded)."""
+    n_heldout = max(1, round(fraction * matrix.shape[0]))
+    order = torch.randperm(matrix.shape[0], generator=torch.Generator().manual_seed(seed))
+    return matrix[order[n_heldout:]], matrix[order[:n_heldout]]
+
+
 def batches(source: ActivationSource, batch_size: int, *, seed: int = 0, start: int = 0) -> Iterator[torch.Tensor]:
     """An endless stream of (batch_size, d_in) batches from `source`, from its `start`-th batch on.
 

@@ -45,7 +45,12 @@ from softsae_plugin.reliability import (
     guard_trainer,
 )
 from softsae_plugin.summary import print_summary, summarise, write_summary
-from softsae_plugin.train import train_on_activations, with_run_length
+from softsae_plugin.train import (
+    fit_quietly_and_in_order,
+    local_sources_quietly,
+    train_with_trainer_config,
+    with_run_length,
+)
 
 # YAML keys this command reads itself rather than passing to SAE-Lens' runner.
 OWN_KEYS: dict[str, type] = {"activations": str, "skip_nonfinite_rows": bool}
@@ -107,12 +112,17 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
             f"{path}: architecture={architecture!r} is not registered; "
             f"expected one of {sorted(SAE_TRAINING_CLASS_REGISTRY)}"
         )
-    valid = _config_fields(architecture)
+    return validate_options(data, _config_fields(architecture), f"{path}", f"architecture {architecture!r}")
+
+
+def validate_options(data: dict[str, Any], valid: dict[str, Any], where: str, what: str) -> dict[str, Any]:
+    """Check `data` against `valid` (option name -> type): an unknown key names the nearest valid one, and values
+    are type-checked with pydantic (scalars strictly, numbers finite). Returns `data`."""
     for key in data:
         if key not in valid:
             near = difflib.get_close_matches(key, valid, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ValueError(f"{path}: unknown key {key!r} for architecture {architecture!r}{hint}")
+            raise ValueError(f"{where}: unknown key {key!r} for {what}{hint}")
     model = pydantic.create_model(  # type: ignore[call-overload]
         "TrainConfig",
         __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=False, allow_inf_nan=False),
@@ -125,8 +135,35 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
             f"{'.'.join(str(p) for p in e['loc']).replace('__', '.')}={e.get('input')!r}: {e['msg']}"
             for e in err.errors()
         )
-        raise ValueError(f"{path}: {problems}") from None
+        raise ValueError(f"{where}: {problems}") from None
     return data
+
+
+def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read and validate a sweep config (a `saes:` mapping beside shared runner options), with `--key value`
+    command-line overrides of the shared options; returns (shared options, name -> the SAE's options)."""
+    from softsae_plugin.sweep import SWEEP_KEY, per_sae_fields, shared_fields
+
+    data = yaml.load(Path(path).read_text(), Loader=_YamlLoader) or {}
+    saes = data.pop(SWEEP_KEY)
+    if not isinstance(saes, dict) or not saes or not all(isinstance(v, dict) for v in saes.values()):
+        raise ValueError(f"{path}: {SWEEP_KEY} must map each SAE's name to its options (architecture, k, lr, ...)")
+    if len(overrides) % 2 or not all(key.startswith("--") for key in overrides[::2]):
+        raise ValueError(f"a sweep takes shared options as --name value pairs; got {list(overrides)}")
+    for key, value in zip(overrides[::2], overrides[1::2], strict=True):
+        data[key.removeprefix("--")] = yaml.load(value, Loader=_YamlLoader)
+    validate_options(data, {**shared_fields(), **OWN_KEYS}, f"{path}", "a sweep's shared options")
+    for name, options in saes.items():
+        architecture = options.get("architecture", "standard")
+        if architecture not in SAE_TRAINING_CLASS_REGISTRY:
+            raise ValueError(
+                f"{path}: saes.{name}.architecture={architecture!r} is not registered; "
+                f"expected one of {sorted(SAE_TRAINING_CLASS_REGISTRY)}"
+            )
+        validate_options(
+            options, per_sae_fields(architecture), f"{path}: saes.{name}", f"architecture {architecture!r}"
+        )
+    return data, saes
 
 
 def config_to_args(config: dict[str, Any]) -> list[str]:
@@ -189,6 +226,9 @@ def _train(argv: Sequence[str]) -> None:
             "Model names that are local ids (e.g. smollm2-135m-instruct-q4_1) and the dataset\n"
             "'local:english-wikipedia' are built offline from installed packages.\n"
         )
+    if known.config and _is_sweep(known.config):
+        _train_sweep(known, rest)
+        return
     config = load_yaml_config(known.config) if known.config else {}
     # The command line overrides the file, nulls included: apply_nulls would otherwise undo it after parsing.
     given = {arg.split("=")[0].removeprefix("--") for arg in rest if arg.startswith("--")}
@@ -196,7 +236,7 @@ def _train(argv: Sequence[str]) -> None:
     activations = known.activations or config.get("activations")
     skip_nonfinite_rows = bool(known.skip_nonfinite_rows or config.get("skip_nonfinite_rows"))
     if known.exact_resume and known.resume is None:
-        raise SystemExit("sae-lens train: --exact_resume needs --resume CHECKPOINT_DIR")
+        raise ValueError("--exact_resume needs --resume CHECKPOINT_DIR")
     args = DEFAULT_ARGS + config_to_args(config) + list(rest)
     if known.resume is not None:
         args += ["--resume_from_checkpoint", known.resume]
@@ -206,6 +246,33 @@ def _train(argv: Sequence[str]) -> None:
     cfg = _parse_cfg_args(args)
     apply_nulls(cfg, config)
     run_llm_training(cfg, skip_nonfinite_rows=skip_nonfinite_rows, exact_resume=known.exact_resume)
+
+
+def _is_sweep(path: str) -> bool:
+    from softsae_plugin.sweep import SWEEP_KEY
+
+    data = yaml.load(Path(path).read_text(), Loader=_YamlLoader)
+    return isinstance(data, dict) and SWEEP_KEY in data
+
+
+def _train_sweep(known: argparse.Namespace, rest: Sequence[str]) -> None:
+    from softsae_plugin.activations import load_activations
+    from softsae_plugin.sweep import build_sweep, run_sweep, train_sweep_on_activations
+
+    shared, saes = load_sweep_config(known.config, rest)
+    own = {key: shared.pop(key) for key in list(shared) if key in OWN_KEYS}
+    shared.setdefault("log_to_wandb", False)  # as for a single run: an offline command should not try W&B
+    if known.resume is not None:
+        shared["resume_from_checkpoint"] = known.resume
+    skip_nonfinite_rows = bool(known.skip_nonfinite_rows or own.get("skip_nonfinite_rows"))
+    activations = known.activations or own.get("activations")
+    if activations is not None:
+        matrix = load_activations(activations)
+        shared.setdefault("d_in", matrix.shape[1])
+        shared.setdefault("hook_name", "activations")
+        train_sweep_on_activations(matrix, build_sweep(shared, saes), skip_nonfinite_rows=skip_nonfinite_rows)
+    else:
+        run_sweep(build_sweep(shared, saes), skip_nonfinite_rows=skip_nonfinite_rows)
 
 
 class _GuardedRunner(LanguageModelSAETrainingRunner):
@@ -253,7 +320,8 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
                 next(trainer.data_provider)
         self.guard = guard_trainer(trainer, skip_nonfinite_rows=self.skip_nonfinite_rows, guard_state=self.guard_state)
         self.trainer = trainer
-        return super().run_trainer_with_interruption_handling(trainer)
+        with fit_quietly_and_in_order(trainer):
+            return super().run_trainer_with_interruption_handling(trainer=trainer)
 
     @override
     def save_final_sae(
@@ -261,7 +329,7 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
     ) -> None:
         check_finite(sae.state_dict(), f"refusing to save the trained SAE to {output_path}")
         with atomic_folder(output_path) as staged:
-            super().save_final_sae(sae, str(staged), log_feature_sparsity)
+            super().save_final_sae(sae=sae, output_path=str(staged), log_feature_sparsity=log_feature_sparsity)
 
 
 def run_llm_training(
@@ -302,20 +370,32 @@ def run_llm_training(
             override_model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train"
         )
         cfg.is_dataset_tokenized = True
+        text_tokens = len(override_dataset) * cfg.context_size
+        print(
+            f"{LOCAL_TEXT_ID}: {text_tokens:,} tokens of training text (every {HELDOUT_EVERY}th paragraph held out) "
+            f"for {cfg.training_tokens:,} training tokens"
+            + (
+                f" ({cfg.training_tokens / text_tokens:.1f} passes over it)"
+                if cfg.training_tokens > text_tokens
+                else ""
+            )
+        )
     # SAE-Lens' runner never seeds torch: its SAE initialisation and its shuffle buffer's permutations would follow
     # whatever ran before in the process. Seeded here, after the model is built, a run is the same for the same
     # --seed, and a resumed run's replay (exact_resume) draws the same permutations.
     torch.manual_seed(cfg.seed)
-    runner = _GuardedRunner(
-        cfg,
-        skip_nonfinite_rows=skip_nonfinite_rows,
-        guard_state=guard_state,
-        exact_resume=exact_resume,
-        override_dataset=override_dataset,
-        override_model=override_model,
-    )
-    sae = runner.run()
-    if cfg.output_path is not None:
+    with local_sources_quietly(override_model is not None, override_dataset is not None):
+        runner = _GuardedRunner(
+            cfg,
+            skip_nonfinite_rows=skip_nonfinite_rows,
+            guard_state=guard_state,
+            exact_resume=exact_resume,
+            override_dataset=override_dataset,
+            override_model=override_model,
+        )
+        sae = runner.run()
+        if cfg.output_path is None:
+            return sae
         # Written after the whole folder appeared: the summary needs the activation store, which a prefetching
         # runner reads from another thread until run() returns.
         if override_dataset is not None:
@@ -329,41 +409,51 @@ def run_llm_training(
             eval_data = f"held-out text: the {cfg.dataset_path} tokens that follow the training stream"
         eval_batches = FiniteBatches(source, lambda: "the evaluation after training", skip_rows=skip_nonfinite_rows)
         summary, k_hat = summarise(sae, islice(eval_batches, SUMMARY_BATCHES), runner.trainer, eval_data=eval_data)
-        summary["training_tokens"] = cfg.training_tokens
-        summary["nonfinite_rows_skipped"] = runner.guard.rows_skipped if runner.guard else 0
-        write_summary(summary, k_hat, cfg.output_path)
-        print_summary(summary)
+    summary["training_tokens"] = cfg.training_tokens
+    summary["nonfinite_rows_skipped"] = runner.guard.rows_skipped if runner.guard else 0
+    write_summary(summary, k_hat, cfg.output_path)
+    print_summary(summary)
     return sae
 
 
+# Runner options the embedding path cannot honour (they need a language model, or SAE-Lens' runner itself).
+NOT_ON_ACTIVATIONS = ("compile_sae", "from_pretrained_path", "compile_llm", "use_cached_activations")
+
+
 def _train_on_file(path: str, args: list[str], config: dict[str, Any], skip_nonfinite_rows: bool) -> None:
+    import wandb
+
     from softsae_plugin.activations import load_activations
 
     activations = load_activations(path)
     args = [*args, "--d_in", str(activations.shape[1])]
     cfg = _parse_cfg_args(args)
     apply_nulls(cfg, config)
-    sae_cfg = with_run_length(cfg.sae, cfg.total_training_steps)
-    train_on_activations(
+    defaults = LanguageModelSAERunnerConfig(sae=cfg.sae)
+    refused = [name for name in NOT_ON_ACTIVATIONS if getattr(cfg, name) != getattr(defaults, name)]
+    if refused:
+        raise ValueError(f"--activations cannot honour {', '.join(refused)}; train without them on a file of vectors")
+    # Every trainer option of the runner, converted by SAE-Lens itself (training_tokens counts vectors here).
+    trainer_cfg = cfg.to_sae_trainer_config()
+    if cfg.logger.log_to_wandb:
+        wandb.init(
+            project=cfg.logger.wandb_project,
+            entity=cfg.logger.wandb_entity,
+            config=cfg.to_dict(),
+            name=cfg.logger.run_name,
+            id=cfg.logger.wandb_id,
+        )
+    train_with_trainer_config(
         activations,
-        sae_cfg,
-        batch_size=cfg.train_batch_size_tokens,
-        training_steps=cfg.total_training_steps,
-        lr=cfg.lr,
-        lr_warm_up_steps=cfg.lr_warm_up_steps,
-        lr_decay_steps=cfg.lr_decay_steps,
+        cfg.sae,
+        trainer_cfg,
         seed=cfg.seed,
-        device=cfg.device,
-        autocast=cfg.autocast,
-        dead_feature_window=cfg.dead_feature_window,
-        feature_sampling_window=cfg.feature_sampling_window,
-        n_batches_for_norm_estimate=cfg.n_batches_for_norm_estimate,
-        checkpoint_path=cfg.checkpoint_path,
-        n_checkpoints=cfg.n_checkpoints,
         output_path=cfg.output_path,
         skip_nonfinite_rows=skip_nonfinite_rows,
         resume_from=cfg.resume_from_checkpoint,
     )
+    if cfg.logger.log_to_wandb:
+        wandb.finish()
 
 
 def _eval(argv: Sequence[str]) -> None:
@@ -385,15 +475,32 @@ COMMANDS = {
 }
 
 
+# What a user's mistake raises (a bad option, value, file or checkpoint): reported in one line, like argparse does.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, argparse.ArgumentError)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the `sae-lens` console script."""
+    """Entry point of the `sae-lens` console script.
+
+    A user's mistake ends the command with `sae-lens <command>: error: ...` and exit status 2; `--debug` shows
+    the traceback instead, and any other exception (a real fault) always does.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: sae-lens {{{','.join(COMMANDS)}}} ...")
+        print(f"usage: sae-lens {{{','.join(COMMANDS)}}} ... [--debug]")
         for name, (_, help_text) in COMMANDS.items():
             print(f"  {name:6s} {help_text}")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    COMMANDS[argv[0]][0](argv[1:])
+    debug = "--debug" in argv
+    command, args = argv[0], [arg for arg in argv[1:] if arg != "--debug"]
+    try:
+        COMMANDS[command][0](args)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"sae-lens {command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from sae_lens.constants import (
     ACTIVATION_SCALER_CFG_FILENAME,
     ACTIVATIONS_STORE_STATE_FILENAME,
+    RUNNER_CFG_FILENAME,
     SAE_CFG_FILENAME,
     SAE_WEIGHTS_FILENAME,
     TRAINER_STATE_FILENAME,
@@ -32,6 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 GUARD_STATE_FILENAME = "softsae_guard_state.json"
+# A batch of activations: one tensor, or (a sweep's) one tensor per hook, for the same tokens.
+Batch = torch.Tensor | dict[str, torch.Tensor]
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +56,14 @@ class FiniteBatches:
 
     A batch holding non-finite values stops training with an error naming where (`where()`, e.g. the training
     step) and how many values were bad; with `skip_rows` the rows holding them are dropped instead (the batch
-    shrinks; a batch with no good row is replaced by the next one) and counted in `rows_skipped`.
+    shrinks; a batch with no good row is replaced by the next one) and counted in `rows_skipped`. A batch may be
+    one tensor or, for a sweep, a mapping of hook names to tensors of the same tokens.
     `batches_drawn` counts the batches taken from `source`: the data position a resumed run skips to.
     """
 
     def __init__(
         self,
-        source: Iterator[torch.Tensor],
+        source: Iterator[Batch],
         where: Callable[[], str],
         *,
         skip_rows: bool,
@@ -72,21 +76,23 @@ class FiniteBatches:
     def __iter__(self) -> FiniteBatches:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Batch:
         while True:
             batch = next(self.source)
             self.batches_drawn += 1
-            finite = torch.isfinite(batch)
+            # A sweep's batch maps each hook to its activations of the same tokens: a row is bad in every hook if
+            # it is bad in one, so that the hooks stay aligned.
+            tensors = list(batch.values()) if isinstance(batch, dict) else [batch]
+            rows = [t.reshape(-1, t.shape[-1]) for t in tensors]
+            finite = torch.stack([torch.isfinite(r).all(-1) for r in rows]).all(0)
             # One device sync per batch: the price of never letting a NaN reach the optimiser.
             if bool(finite.all()):
                 return batch
-            rows = batch.reshape(-1, batch.shape[-1])
-            bad_rows = ~finite.reshape(rows.shape).all(-1)
-            n_bad_rows = int(bad_rows.sum())
+            n_bad_rows, n_bad = int((~finite).sum()), sum(int((~torch.isfinite(t)).sum()) for t in tensors)
             if not self.skip_rows:
                 raise ValueError(
-                    f"non-finite activations at {self.where()}: {int((~finite).sum())} of {finite.numel()} values "
-                    f"(in {n_bad_rows} of {rows.shape[0]} rows) are NaN or inf; expected finite values. Fix the "
+                    f"non-finite activations at {self.where()}: {n_bad} of {sum(t.numel() for t in tensors)} values "
+                    f"(in {n_bad_rows} of {finite.numel()} rows) are NaN or inf; expected finite values. Fix the "
                     "activation source, or drop such rows with --skip_nonfinite_rows (train_on_activations(..., "
                     "skip_nonfinite_rows=True))"
                 )
@@ -97,8 +103,10 @@ class FiniteBatches:
                 self.where(),
                 self.rows_skipped,
             )
-            if n_bad_rows < rows.shape[0]:
-                return rows[~bad_rows]
+            if n_bad_rows < finite.numel():
+                if isinstance(batch, dict):
+                    return {hook: r[finite] for hook, r in zip(batch, rows, strict=True)}
+                return rows[0][finite]
 
 
 def check_replaceable(path: str | Path) -> None:
@@ -107,10 +115,12 @@ def check_replaceable(path: str | Path) -> None:
     Called before a run starts as well, so that a wrong output_path costs no training time.
     """
     path = Path(path)
-    if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / SAE_CFG_FILENAME).is_file()):
+    # An SAE has cfg.json; a sweep's folder (one SAE per subfolder) has SAE-Lens' runner_cfg.json.
+    ours = (path / SAE_CFG_FILENAME).is_file() or (path / RUNNER_CFG_FILENAME).is_file()
+    if path.is_file() or (path.is_dir() and any(path.iterdir()) and not ours):
         raise FileExistsError(
             f"{path} exists and is not an SAE folder (it has no {SAE_CFG_FILENAME}); expected a new or empty folder, "
-            "or an earlier SAE to replace: choose another output path"
+            "or an earlier SAE or sweep to replace: choose another output path"
         )
 
 
@@ -178,10 +188,10 @@ def guard_trainer(
         )
         base = base_path if base_path is not None else trainer.cfg.checkpoint_path
         if base is None:  # nothing goes to disk: SAE-Lens only uploads to W&B, from a temporary folder
-            save(checkpoint_name, base_path, wandb_aliases)
+            save(checkpoint_name=checkpoint_name, base_path=base_path, wandb_aliases=wandb_aliases)
             return
         with atomic_folder(Path(base) / checkpoint_name) as staged:
-            save(checkpoint_name, staged.parent, wandb_aliases)
+            save(checkpoint_name=checkpoint_name, base_path=staged.parent, wandb_aliases=wandb_aliases)
             counts = {"batches_drawn": guard.batches_drawn, "nonfinite_rows_skipped": guard.rows_skipped}
             (staged / GUARD_STATE_FILENAME).write_text(json.dumps(counts) + "\n")
 

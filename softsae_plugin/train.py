@@ -1,23 +1,33 @@
-"""Training entry points built on SAE-Lens: the embedding path and the schedule bookkeeping they share."""
+"""Training entry points built on SAE-Lens' `SAETrainer`: the embedding path and what every run shares.
+
+`train_on_activations` (and `sae-lens train --activations`) trains any registered architecture on precomputed
+activation vectors; `fit_quietly_and_in_order` is the one place where a trainer starts, for this path and for
+SAE-Lens' language-model runner alike.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import logging
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import numpy as np
 import torch
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from softsae_plugin.activations import ActivationSource, batches, load_activations
+from softsae_plugin.activations import ActivationSource, batches, load_activations, split_heldout
 from softsae_plugin.reliability import (
     FiniteBatches,
     atomic_folder,
@@ -27,7 +37,12 @@ from softsae_plugin.reliability import (
     continue_from_checkpoint,
     guard_trainer,
 )
-from softsae_plugin.summary import print_summary, summarise, write_summary
+from softsae_plugin.summary import print_summary, summarise, training_statistics, write_summary
+
+# The share of a matrix of activations held out for the summary when no `eval_activations` are given.
+HELDOUT_FRACTION = 0.1
+# The summary measures at most this many held-out vectors.
+SUMMARY_INPUTS = 65_536
 
 
 def with_run_length(sae_cfg: TrainingSAEConfig, total_training_steps: int) -> TrainingSAEConfig:
@@ -38,18 +53,59 @@ def with_run_length(sae_cfg: TrainingSAEConfig, total_training_steps: int) -> Tr
 
 
 @contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    # SAETrainer always draws its tqdm bar; tqdm honours TQDM_DISABLE, so a quiet run sets it briefly.
-    previous = os.environ.get("TQDM_DISABLE")
-    if not enabled:
-        os.environ["TQDM_DISABLE"] = "1"
+def local_sources_quietly(local_model: bool, local_text: bool) -> Iterator[None]:
+    """While the block runs, SAE-Lens' warnings that do not hold for this package's local model and text are off:
+    that an override model or dataset makes a run irreproducible from its configuration (the configuration names
+    them), that a dataset of fewer rows than training tokens means several epochs (it compares rows with tokens;
+    the caller states the passes over the text), and that copying its own token tensors with torch.tensor is slow
+    (SAE-Lens sets the pretokenized text's format to torch itself, then copies each row)."""
+    messages = [
+        *(["a model which will override", "override_model overrides"] if local_model else []),
+        *(["a dataset which will override", "override_dataset overrides"] if local_text else []),
+    ]
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not any(m in record.getMessage() for m in messages)  # type: ignore[method-assign]
+    sae_lens_logger = logging.getLogger("sae_lens")
+    sae_lens_logger.addFilter(quiet)
     try:
-        yield
+        with warnings.catch_warnings():
+            if local_text:
+                warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
+                warnings.filterwarnings("ignore", message="To copy construct from a tensor")
+            yield
     finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
+        sae_lens_logger.removeFilter(quiet)
+
+
+@contextmanager
+def _quiet_bars() -> Iterator[None]:
+    # tqdm reads TQDM_DISABLE when it is imported, not when a bar starts: SAE-Lens' trainer and activation scaler
+    # get a tqdm whose bars are off instead, for as long as the block runs.
+    import sae_lens.training.activation_scaler as activation_scaler
+    import sae_lens.training.sae_trainer as sae_trainer
+
+    quiet = partial(tqdm, disable=True)
+    with mock.patch.object(sae_trainer, "tqdm", quiet), mock.patch.object(activation_scaler, "tqdm", quiet):
+        yield
+
+
+@contextmanager
+def fit_quietly_and_in_order(trainer: SAETrainer[Any, Any], *, progress: bool = True) -> Iterator[None]:
+    """Prepare `trainer` for its `fit()`, run inside the block: the activation scale is estimated first (SAE-Lens'
+    own estimate, on the same batches `fit` would take, so results are unchanged), so that its progress bar does
+    not nest inside the training bar; with `progress=False` neither bar is drawn."""
+    with ExitStack() as stack:
+        if not progress:
+            stack.enter_context(_quiet_bars())
+        if trainer.sae.cfg.normalize_activations == "expected_average_only_in" and (
+            trainer.activation_scaler.scaling_factor is None
+        ):
+            trainer.activation_scaler.estimate_scaling_factor(
+                d_in=trainer.sae.cfg.d_in,
+                data_provider=trainer.data_provider,
+                n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
+            )
+        yield
 
 
 def train_on_activations(
@@ -72,6 +128,7 @@ def train_on_activations(
     n_checkpoints: int = 0,
     output_path: str | Path | None = None,
     eval_activations: ActivationSource | None = None,
+    heldout_fraction: float = HELDOUT_FRACTION,
     skip_nonfinite_rows: bool = False,
     resume_from: str | Path | None = None,
 ) -> TrainingSAE[Any]:
@@ -80,31 +137,18 @@ def train_on_activations(
     `activations` is a (n, d_in) tensor or array, an iterable of batches, or a file (.npy, .safetensors,
     or a folder written by `datasets.Dataset.save_to_disk`). The run is deterministic given `seed`. The
     returned SAE takes raw activations (SAE-Lens folds its normalisation into the weights). With
-    `output_path`, the inference SAE, the feature-sparsity file and a training summary (FVE, L0, k_hat
-    histogram) measured on `eval_activations` (default: a fresh pass over `activations`) are written there,
-    as one folder that appears whole. A batch holding NaN or inf stops the run with an error, unless
-    `skip_nonfinite_rows` drops those rows (counted in the summary). Checkpoints appear whole, and
-    `resume_from` (a checkpoint folder of a run with the same arguments) continues that run exactly where it
-    stopped: same weights as an uninterrupted run of the same seed.
+    `output_path`, the inference SAE and the feature-sparsity file are written there, as one folder that appears
+    whole, and then a training summary (FVE, L0, k_hat histogram) measured on held-out data: `eval_activations`,
+    or else a random `heldout_fraction` of a matrix's rows, kept out of training for the summary's sake (0 trains
+    on every row and measures on training data, labelled so), or the batches that follow training in an
+    iterable's stream; without `output_path` every row trains. A batch
+    holding NaN or inf stops the run with an error, unless `skip_nonfinite_rows` drops those rows (counted in the
+    summary). Checkpoints appear whole, and `resume_from` (a checkpoint folder of a run with the same arguments)
+    continues that run exactly where it stopped: same weights as an uninterrupted run of the same seed.
     """
     for name, value in (("batch_size", batch_size), ("training_steps", training_steps)):
         if value <= 0:
             raise ValueError(f"train_on_activations: {name}={value} is invalid; expected a positive integer")
-    if isinstance(activations, (str, Path)):
-        activations = load_activations(activations)
-    torch.manual_seed(seed)
-    sae_cfg = with_run_length(sae_cfg, training_steps)
-    if output_path is not None:
-        check_replaceable(output_path)
-    guard_state: dict[str, int] = {}
-    if resume_from is not None:
-        guard_state = check_checkpoint(resume_from, sae_cfg, has_activations_store=False)
-        if "batches_drawn" not in guard_state:
-            raise ValueError(
-                f"resume: {resume_from} was not written by train_on_activations (it has no data position); "
-                "expected a checkpoint of this function or of `sae-lens train --activations`"
-            )
-    sae = TrainingSAE.from_dict(dataclasses.replace(sae_cfg, device=device).to_dict())
     trainer_cfg = SAETrainerConfig(
         total_training_samples=training_steps * batch_size,
         train_batch_size_samples=batch_size,
@@ -121,6 +165,63 @@ def train_on_activations(
         logger=LoggingConfig(log_to_wandb=False),
         n_batches_for_norm_estimate=n_batches_for_norm_estimate,
     )
+    return train_with_trainer_config(
+        activations,
+        sae_cfg,
+        trainer_cfg,
+        seed=seed,
+        progress=progress,
+        output_path=output_path,
+        eval_activations=eval_activations,
+        heldout_fraction=heldout_fraction,
+        skip_nonfinite_rows=skip_nonfinite_rows,
+        resume_from=resume_from,
+    )
+
+
+def train_with_trainer_config(
+    activations: ActivationSource,
+    sae_cfg: TrainingSAEConfig,
+    trainer_cfg: SAETrainerConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    output_path: str | Path | None = None,
+    eval_activations: ActivationSource | None = None,
+    heldout_fraction: float = HELDOUT_FRACTION,
+    skip_nonfinite_rows: bool = False,
+    resume_from: str | Path | None = None,
+) -> TrainingSAE[Any]:
+    """`train_on_activations` with every trainer option in SAE-Lens' own `SAETrainerConfig` (what the runner's
+    `to_sae_trainer_config()` gives `sae-lens train --activations`)."""
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction={heldout_fraction} is invalid; expected a fraction in [0, 1)")
+    activations = _as_matrix(activations)
+    eval_activations = None if eval_activations is None else _as_matrix(eval_activations)
+    batch_size = trainer_cfg.train_batch_size_samples
+    holding_out = output_path is not None and eval_activations is None and heldout_fraction > 0
+    if holding_out and isinstance(activations, torch.Tensor):
+        activations, eval_activations = split_heldout(activations, heldout_fraction, seed=seed)
+        eval_data = f"held out: a random {heldout_fraction:.0%} of the activation rows, never trained on"
+    elif eval_activations is not None:
+        eval_data = "held out: the eval_activations given"
+    elif isinstance(activations, torch.Tensor):
+        eval_data = "training data (heldout_fraction=0: no rows were held out)"
+    else:
+        eval_data = "held out: the batches that follow training in the activation stream"
+    torch.manual_seed(seed)
+    sae_cfg = with_run_length(sae_cfg, trainer_cfg.total_training_steps)
+    if output_path is not None:
+        check_replaceable(output_path)
+    guard_state: dict[str, int] = {}
+    if resume_from is not None:
+        guard_state = check_checkpoint(resume_from, sae_cfg, has_activations_store=False)
+        if "batches_drawn" not in guard_state:
+            raise ValueError(
+                f"resume: {resume_from} was not written by train_on_activations (it has no data position); "
+                "expected a checkpoint of this function or of `sae-lens train --activations`"
+            )
+    sae = TrainingSAE.from_dict(dataclasses.replace(sae_cfg, device=trainer_cfg.device).to_dict())
     data = batches(activations, batch_size, seed=seed, start=guard_state.get("batches_drawn", 0))
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data)
     if resume_from is not None:
@@ -129,23 +230,34 @@ def train_on_activations(
         sae.load_weights_from_checkpoint(resume_from)
         continue_from_checkpoint(trainer)
     guard = guard_trainer(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
-    with _progress_bars(progress):
+    with fit_quietly_and_in_order(trainer, progress=progress):
         sae = trainer.fit()
-    if output_path is not None:
-        check_finite(sae.state_dict(), f"refusing to save the trained SAE to {output_path}")
-        with atomic_folder(output_path) as staged:
-            sae.save_inference_model(staged)
-            save_file({"sparsity": trainer.log_feature_sparsity}, staged / SPARSITY_FILENAME)
-            eval_source = activations if eval_activations is None else eval_activations
-            eval_batches = FiniteBatches(
-                batches(eval_source, batch_size, seed=seed + 1),
-                lambda: "the evaluation after training",
-                skip_rows=skip_nonfinite_rows,
-            )
-            n_eval = max(1, min(50, 65_536 // batch_size))
-            summary, k_hat = summarise(sae, islice(eval_batches, n_eval), trainer)
-            summary["nonfinite_rows_skipped"] = guard.rows_skipped
-            write_summary(summary, k_hat, staged)
-        if progress:
-            print_summary(summary)
+    if output_path is None:
+        return sae
+    check_finite(sae.state_dict(), f"refusing to save the trained SAE to {output_path}")
+    with atomic_folder(output_path) as staged:  # the SAE first: a summary that fails cannot lose it
+        sae.save_inference_model(staged)
+        save_file({"sparsity": trainer.log_feature_sparsity}, staged / SPARSITY_FILENAME)
+    if isinstance(eval_activations, torch.Tensor):  # every held-out row once, in order
+        eval_source: Iterator[torch.Tensor] = iter(eval_activations[:SUMMARY_INPUTS].split(batch_size))
+    else:
+        eval_source = iter(data if eval_activations is None else batches(eval_activations, batch_size, seed=seed + 1))
+        eval_source = islice(eval_source, max(1, SUMMARY_INPUTS // batch_size))
+    eval_batches = FiniteBatches(eval_source, lambda: "the evaluation after training", skip_rows=skip_nonfinite_rows)
+    try:
+        summary, k_hat = summarise(sae, eval_batches, trainer, eval_data=eval_data)
+    except ValueError as err:  # a one-shot stream that ended with training: the SAE is saved, the summary is not
+        summary, k_hat = {"eval_data": f"none ({err})", **training_statistics(trainer)}, None
+        print(f"train_on_activations: saved the SAE to {output_path}, but measured no held-out data: {err}")
+    summary["nonfinite_rows_skipped"] = guard.rows_skipped
+    write_summary(summary, k_hat, output_path)
+    if progress and "fve" in summary:
+        print_summary(summary)
     return sae
+
+
+def _as_matrix(source: ActivationSource) -> ActivationSource:
+    # Files and arrays become tensors; an iterable of batches stays what it is.
+    if isinstance(source, (str, Path)):
+        return load_activations(source)
+    return torch.from_numpy(source) if isinstance(source, np.ndarray) else source

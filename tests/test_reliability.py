@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -128,12 +129,15 @@ def test_command_line_overrides_a_null_in_the_config(tmp_path, monkeypatch):
     assert runs[0].checkpoint_path.startswith(str(tmp_path))
 
 
-def test_hard_topk_steps_longer_than_the_run_stops_before_any_training(tmp_path):
+def test_hard_topk_steps_longer_than_the_run_stops_before_any_training(tmp_path, capsys):
     config = tmp_path / "long_hard_phase.yaml"
     config.write_text((REPO / "configs" / "quickstart.yaml").read_text() + "hard_topk_steps: 1000\n")
     # 409600 / 1024 = 400 steps; the model is never loaded.
-    with pytest.raises(ValueError, match=r"hard_topk_steps=1000 is longer than the run \(total_training_steps=400\)"):
+    with pytest.raises(SystemExit):
         main(["train", "--config", str(config), "--output_path", str(tmp_path / "out")])
+    assert re.search(
+        r"hard_topk_steps=1000 is longer than the run \(total_training_steps=400\)", capsys.readouterr().err
+    )
     with pytest.raises(ValueError, match=r"hard_topk_steps=50 is longer than the run \(total_training_steps=20\)"):
         train_on_activations(activations(256), soft_cfg(hard_topk_steps=50), training_steps=20, **QUICK)
 

@@ -1,0 +1,424 @@
+"""Sweeps: many SAEs, of any architectures, trained from one language-model pass (or one file of activations).
+
+`sae-lens train --config sweep.yaml`, where the YAML has a `saes:` mapping beside the shared runner options, runs
+SAE-Lens' `MultiSAETrainingRunner` (one forward pass of the model feeds every SAE), or SAE-Lens' `MultiSAETrainer`
+on a file of activations. Each SAE may have its own learning rate (SAE-Lens' multi trainer has one for all: its
+per-SAE trainers are rebuilt with their own), and gets what a single run writes: its folder, training summary,
+k_hat histogram, checkpoints and resume, the NaN guard, atomic saves. The whole sweep gets a table and an
+FVE-vs-L0 plot.
+
+    saes:
+      softsae-k32: {architecture: softsae, k: 32, lr: 0.001}
+      topk-k32: {architecture: topk, k: 32, lr: 0.003}
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import typing
+from collections.abc import Mapping, Sequence
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from sae_lens.config import LoggingConfig
+from sae_lens.constants import SPARSITY_FILENAME
+from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import save_file
+
+from softsae_plugin.reliability import (
+    FiniteBatches,
+    atomic_folder,
+    check_checkpoint,
+    check_finite,
+    check_replaceable,
+    continue_from_checkpoint,
+)
+from softsae_plugin.summary import SUMMARY_FILENAME, summarise, write_summary
+from softsae_plugin.train import local_sources_quietly, with_run_length
+
+SWEEP_KEY = "saes"
+# Per-SAE options that belong to the trainer rather than to the SAE's config.
+PER_SAE_TRAINER_KEYS: dict[str, Any] = {"lr": float}
+SWEEP_TABLE = "sweep_summary"
+SWEEP_PLOT = "sweep_fve_vs_l0.png"
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A parsed sweep: the runner's shared options, each SAE's config and its learning rate (None: the shared)."""
+
+    runner: MultiSAETrainingRunnerConfig
+    lrs: dict[str, float | None]
+
+
+def per_sae_fields(architecture: str) -> dict[str, Any]:
+    """Every key one SAE of a sweep may set for `architecture`, with its type: its config's fields and `lr`."""
+    cls = SAE_TRAINING_CLASS_REGISTRY[architecture][1]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "metadata"}
+    return {"architecture": str, **fields, **PER_SAE_TRAINER_KEYS}
+
+
+def shared_fields() -> dict[str, Any]:
+    """Every key a sweep's shared options may hold: SAE-Lens' multi runner's and logging options, `hook_name` (one
+    hook for every SAE) and the SAE sizes every SAE inherits unless it sets its own."""
+    hints = typing.get_type_hints(MultiSAETrainingRunnerConfig)
+    skip = {"saes", "hook_names", "logger", "evaluator", "_hook_names_per_sae", "_hook_head_indices_per_sae"}
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(MultiSAETrainingRunnerConfig) if f.name not in skip}
+    logger_hints = typing.get_type_hints(LoggingConfig)
+    fields.update({f.name: logger_hints[f.name] for f in dataclasses.fields(LoggingConfig)})
+    return {**fields, "hook_name": str, "hook_names": dict[str, str] | str, "d_in": int, "d_sae": int}
+
+
+def build_sweep(shared: Mapping[str, Any], saes: Mapping[str, Mapping[str, Any]]) -> Sweep:
+    """The runner config and learning rates of a sweep whose options were validated (see `cli.load_yaml_config`).
+
+    Each SAE's run length is recorded in its config (softsae's schedules need it), and `d_in` / `d_sae` default to
+    the shared values.
+    """
+    shared = dict(shared)
+    sizes = {key: shared.pop(key) for key in ("d_in", "d_sae") if key in shared}
+    logger = LoggingConfig(**{key: shared.pop(key) for key in list(shared) if key in _logging_keys()})
+    hook_names = shared.pop("hook_names", None) or shared.pop("hook_name", None)
+    if hook_names is None:
+        raise ValueError("a sweep needs hook_name (one hook for every SAE) or hook_names (name -> hook)")
+    configs: dict[str, TrainingSAEConfig] = {}
+    lrs: dict[str, float | None] = {}
+    for name, options in saes.items():
+        options = {**sizes, **options}
+        architecture = options.pop("architecture", "standard")
+        lrs[name] = options.pop("lr", None)
+        missing = [key for key in ("d_in", "d_sae") if key not in options]
+        if missing:
+            raise ValueError(f"saes.{name}: no {' or '.join(missing)}; set it for this SAE or beside saes")
+        configs[name] = SAE_TRAINING_CLASS_REGISTRY[architecture][1](**options)
+    runner = MultiSAETrainingRunnerConfig(saes=configs, hook_names=hook_names, logger=logger, **shared)
+    runner.saes = {name: with_run_length(cfg, runner.total_training_steps) for name, cfg in configs.items()}
+    return Sweep(runner, lrs)
+
+
+def _logging_keys() -> set[str]:
+    return {f.name for f in dataclasses.fields(LoggingConfig)}
+
+
+class PerSAETrainer(MultiSAETrainer):
+    """SAE-Lens' multi trainer, each SAE's `SAETrainer` rebuilt with its own learning rate (the end of the schedule
+    keeps the shared lr_end / lr ratio) before anything is loaded or trained."""
+
+    def __init__(self, *args: Any, lrs: Mapping[str, float | None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name, lr in lrs.items():
+            if lr is None:
+                continue
+            cfg = self.trainers[name].cfg
+            assert cfg.lr_end is not None  # set by SAE-Lens' config
+            own = dataclasses.replace(cfg, lr=lr, lr_end=lr * cfg.lr_end / cfg.lr)
+            self.trainers[name] = SAETrainer(cfg=own, sae=self.saes[name], data_provider=iter(()))
+
+
+def guard_multi_trainer(
+    trainer: MultiSAETrainer, *, skip_nonfinite_rows: bool, guard_state: Mapping[str, int]
+) -> FiniteBatches:
+    """The multi trainer's `guard_trainer`: every multi-hook batch checked for NaN and inf, checkpoints written
+    whole, with finite weights and the data position (see `reliability.guard_trainer`)."""
+    import softsae_plugin.reliability as reliability
+
+    guard = FiniteBatches(
+        trainer.data_provider,
+        lambda: f"training step {trainer.n_training_steps}",
+        skip_rows=skip_nonfinite_rows,
+        batches_drawn=guard_state.get("batches_drawn", 0),
+        rows_skipped=guard_state.get("nonfinite_rows_skipped", 0),
+    )
+    trainer.data_provider = guard
+    save = trainer.save_checkpoint
+
+    def save_whole_finite_checkpoint(checkpoint_name: str, wandb_aliases: list[str] | None = None) -> None:
+        for name, sae in trainer.saes.items():
+            check_finite(sae.state_dict(), f"refusing to save checkpoint {checkpoint_name!r} of {name}")
+        base = trainer.cfg.checkpoint_path
+        if base is None:
+            save(checkpoint_name=checkpoint_name, wandb_aliases=wandb_aliases)
+            return
+        with atomic_folder(Path(base) / checkpoint_name) as staged:
+            trainer.cfg = dataclasses.replace(trainer.cfg, checkpoint_path=str(staged.parent))
+            try:
+                save(checkpoint_name=checkpoint_name, wandb_aliases=wandb_aliases)
+            finally:
+                trainer.cfg = dataclasses.replace(trainer.cfg, checkpoint_path=base)
+            counts = {"batches_drawn": guard.batches_drawn, "nonfinite_rows_skipped": guard.rows_skipped}
+            (staged / reliability.GUARD_STATE_FILENAME).write_text(json.dumps(counts) + "\n")
+
+    trainer.save_checkpoint = save_whole_finite_checkpoint  # type: ignore[method-assign]
+    return guard
+
+
+def continue_sweep_from_checkpoint(trainer: MultiSAETrainer) -> None:
+    """`continue_from_checkpoint` for every SAE of a sweep, and the coordinator's own counters to match."""
+    for per_sae in trainer.trainers.values():
+        continue_from_checkpoint(per_sae)
+    trainer.n_training_steps = next(iter(trainer.trainers.values())).n_training_steps
+    trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
+
+
+def check_sweep_checkpoint(path: str | Path, runner_cfg: MultiSAETrainingRunnerConfig) -> dict[str, int]:
+    """`check_checkpoint` for a sweep's checkpoint: one folder per SAE, each of the SAE configured here."""
+    path = Path(path)
+    for name, sae_cfg in runner_cfg.saes.items():
+        check_checkpoint(path / name, sae_cfg, has_activations_store=False)
+    guard_file = path / "softsae_guard_state.json"
+    return json.loads(guard_file.read_text()) if guard_file.exists() else {}
+
+
+class SweepRunner(MultiSAETrainingRunner):
+    """SAE-Lens' multi runner with per-SAE learning rates, the NaN guard, whole checkpoints, an exact step count
+    after a resume, quiet norm estimates and a sweep folder that appears whole."""
+
+    def __init__(
+        self,
+        cfg: MultiSAETrainingRunnerConfig,
+        *,
+        lrs: Mapping[str, float | None],
+        skip_nonfinite_rows: bool = False,
+        guard_state: Mapping[str, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(cfg, **kwargs)
+        self.lrs, self.skip_nonfinite_rows, self.guard_state = lrs, skip_nonfinite_rows, dict(guard_state or {})
+        self.trainer: MultiSAETrainer | None = None
+        self.guard: FiniteBatches | None = None
+
+    def run(self) -> dict[str, TrainingSAE[Any]]:
+        """SAE-Lens' `run`, building `PerSAETrainer` where it builds its multi trainer."""
+        import sae_lens.multi_sae_training_runner as runner_module
+
+        with mock.patch.object(runner_module, "MultiSAETrainer", partial(PerSAETrainer, lrs=self.lrs)):
+            return super().run()
+
+    def _run_with_interruption_handling(self, trainer: MultiSAETrainer) -> dict[str, TrainingSAE[Any]]:
+        if self.cfg.resume_from_checkpoint is not None:
+            continue_sweep_from_checkpoint(trainer)
+        self.guard = guard_multi_trainer(
+            trainer, skip_nonfinite_rows=self.skip_nonfinite_rows, guard_state=self.guard_state
+        )
+        self.trainer = trainer
+        trainer._estimate_scaling_factors()  # before fit draws its bar, so the estimates' bars do not nest in it
+        return super()._run_with_interruption_handling(trainer)
+
+    def _save_final_outputs(self, saes: dict[str, TrainingSAE[Any]], trainer: MultiSAETrainer) -> None:
+        assert self.cfg.output_path is not None
+        for name, sae in saes.items():
+            check_finite(sae.state_dict(), f"refusing to save the trained SAE {name}")
+        output_path = self.cfg.output_path
+        with atomic_folder(output_path) as staged:
+            self.cfg.output_path = str(staged)
+            try:
+                super()._save_final_outputs(saes, trainer)
+            finally:
+                self.cfg.output_path = output_path
+
+
+def heldout_batches_per_hook(
+    model: Any, rows: Any, hooks: Sequence[str], *, batch_tokens: int, n_batches: int, special: Sequence[int]
+) -> dict[str, list[torch.Tensor]]:
+    """Activations of held-out token `rows` at each hook, special tokens left out, in batches of `batch_tokens`.
+
+    One forward pass (to the deepest hook) per group of rows serves every hook, as in training.
+    """
+    from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+
+    stop = max(extract_stop_at_layer_from_tlens_hook_name(hook) or 0 for hook in hooks) or None
+    tokens = torch.tensor(rows["input_ids"])
+    per_hook: dict[str, list[torch.Tensor]] = {hook: [] for hook in hooks}
+    wanted = batch_tokens * n_batches
+    taken = 0
+    for start in range(0, len(tokens), 8):
+        chunk = tokens[start : start + 8]
+        keep = ~torch.isin(chunk, torch.tensor(list(special)))
+        with torch.no_grad():
+            _, cache = model.run_with_cache(chunk, names_filter=list(hooks), stop_at_layer=stop)
+        for hook in hooks:
+            per_hook[hook].append(cache[hook][keep].float().cpu())
+        taken += int(keep.sum())
+        if taken >= wanted:
+            break
+    return {hook: list(torch.cat(acts)[:wanted].split(batch_tokens)) for hook, acts in per_hook.items()}
+
+
+def write_sweep_table(output_path: str | Path, names: Sequence[str]) -> Path:
+    """The sweep's table (Markdown and CSV) and its FVE-vs-L0 plot, from each SAE's training summary; returns the
+    Markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(output_path)
+    columns = ("SAE", "architecture", "k", "mean_l0", "train_mean_l0", "fve", "dead_fraction")
+    rows = [{"SAE": name, **json.loads((out / name / SUMMARY_FILENAME).read_text())} for name in names]
+    with (out / f"{SWEEP_TABLE}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"# Sweep: {len(rows)} SAEs from one pass",
+        "",
+        f"FVE and mean L0 on {rows[0].get('eval_data', 'held-out data')}; the training L0 on the last training "
+        "batches.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for row in rows:
+        cells = [row.get(c) for c in columns]
+        lines.append("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |")
+    (out / f"{SWEEP_TABLE}.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arch in sorted({str(row["architecture"]) for row in rows}):
+        mine = sorted((r for r in rows if r["architecture"] == arch), key=lambda r: r["mean_l0"])
+        ax.plot([r["mean_l0"] for r in mine], [r["fve"] for r in mine], marker="o", label=arch)
+    ax.set_xlabel("mean L0 (held out)")
+    ax.set_ylabel("FVE (held out)")
+    ax.set_title("Sweep: FVE against L0")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / SWEEP_PLOT, dpi=120)
+    plt.close(fig)
+    return out / f"{SWEEP_TABLE}.md"
+
+
+def _seeded_saes(cfg: MultiSAETrainingRunnerConfig) -> dict[str, TrainingSAE[Any]]:
+    # Every SAE starts from the run's seed, as its own single run would, whatever its place in the sweep.
+    saes = {}
+    for name, sae_cfg in cfg.saes.items():
+        torch.manual_seed(cfg.seed)
+        saes[name] = TrainingSAE.from_dict(dataclasses.replace(sae_cfg, device=cfg.device).to_dict())
+    return saes
+
+
+def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batches: int = 32) -> dict[str, Any]:
+    """Train a language-model sweep with `SweepRunner`: offline model and text where the names ask for them, the
+    checkpoint checked before SAE-Lens resumes from it, then each SAE's training summary (on held-out text) in its
+    folder and the sweep's table and plot beside them."""
+    from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name, get_special_token_ids
+
+    from softsae_plugin.smollm2 import is_local_model, load_local_model
+    from softsae_plugin.text import HELDOUT_EVERY, LOCAL_TEXT_ID, tokenized_english_text
+
+    cfg = sweep.runner
+    if cfg.output_path is not None:
+        check_replaceable(cfg.output_path)
+    guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
+    hooks = sorted(set(cfg.hook_names_per_sae.values()))
+    model = None
+    if is_local_model(cfg.model_name):
+        deepest = max(extract_stop_at_layer_from_tlens_hook_name(hook) or 0 for hook in hooks)
+        model = load_local_model(cfg.model_name, first_n_layers=deepest or None, device=cfg.llm_device)
+    dataset = None
+    if cfg.dataset_path == LOCAL_TEXT_ID:
+        if model is None:
+            raise ValueError(
+                f"dataset_path={LOCAL_TEXT_ID!r} needs a local model_name (e.g. smollm2-135m-instruct-q4_1)"
+            )
+        dataset = tokenized_english_text(model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train")
+    with local_sources_quietly(model is not None, dataset is not None):
+        runner = SweepRunner(
+            cfg,
+            lrs=sweep.lrs,
+            skip_nonfinite_rows=skip_nonfinite_rows,
+            guard_state=guard_state,
+            override_model=model,
+            override_dataset=dataset,
+            override_saes=_seeded_saes(cfg),
+        )
+        saes = runner.run()
+    if cfg.output_path is None:
+        return saes
+    assert runner.trainer is not None
+    if dataset is not None:
+        heldout = tokenized_english_text(
+            runner.model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="heldout"
+        )
+        special = get_special_token_ids(runner.model.tokenizer) if cfg.exclude_special_tokens else []
+        per_hook = heldout_batches_per_hook(
+            runner.model,
+            heldout.with_format(None),
+            hooks,
+            batch_tokens=cfg.train_batch_size_tokens,
+            n_batches=summary_batches,
+            special=special,
+        )
+        eval_data = f"held-out text: every {HELDOUT_EVERY}th paragraph of {LOCAL_TEXT_ID}, never trained on"
+    else:
+        stream = runner.activations_store.get_multi_hook_data_loader()
+        batches = list(islice(stream, summary_batches))
+        per_hook = {hook: [b[hook] for b in batches] for hook in hooks}
+        eval_data = f"held-out text: the {cfg.dataset_path} tokens that follow the training stream"
+    for name, sae in saes.items():
+        summary, k_hat = summarise(sae, per_hook[cfg.hook_names_per_sae[name]], runner.trainer.trainers[name],
+                                   eval_data=eval_data)  # fmt: skip
+        summary["training_tokens"] = cfg.training_tokens
+        summary["nonfinite_rows_skipped"] = runner.guard.rows_skipped if runner.guard else 0
+        write_summary(summary, k_hat, Path(cfg.output_path) / name)
+    table = write_sweep_table(cfg.output_path, list(saes))
+    print(table.read_text())
+    return saes
+
+
+def train_sweep_on_activations(
+    activations: torch.Tensor, sweep: Sweep, *, skip_nonfinite_rows: bool = False
+) -> dict[str, TrainingSAE[Any]]:
+    """A sweep on a file of activation vectors: SAE-Lens' multi trainer (`PerSAETrainer`) fed the same batches for
+    every SAE, each SAE seeded and checkpointed as its single run (`train_on_activations`) would be, so that it ends
+    with the same weights; then each SAE's folder (whole), summary (on a held-out 10% of the rows) and the table."""
+    from softsae_plugin.activations import batches, split_heldout
+    from softsae_plugin.train import HELDOUT_FRACTION
+
+    cfg = sweep.runner
+    if cfg.output_path is not None:
+        check_replaceable(cfg.output_path)
+    eval_rows = None
+    if cfg.output_path is not None:
+        activations, eval_rows = split_heldout(activations, HELDOUT_FRACTION, seed=cfg.seed)
+    guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
+    saes = _seeded_saes(cfg)
+    stream = batches(activations, cfg.train_batch_size_tokens, seed=cfg.seed, start=guard_state.get("batches_drawn", 0))
+    hook = "activations"
+    trainer = PerSAETrainer(
+        cfg=cfg.to_sae_trainer_config(),
+        saes=saes,
+        hook_names=dict.fromkeys(saes, hook),
+        data_provider=({hook: batch} for batch in stream),
+        lrs=sweep.lrs,
+    )
+    if cfg.resume_from_checkpoint is not None:
+        trainer.load_checkpoint(cfg.resume_from_checkpoint)
+        continue_sweep_from_checkpoint(trainer)
+    guard = guard_multi_trainer(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
+    trainer._estimate_scaling_factors()
+    saes = trainer.fit()
+    if cfg.output_path is None:
+        return saes
+    with atomic_folder(cfg.output_path) as staged:
+        for name, sae in saes.items():
+            check_finite(sae.state_dict(), f"refusing to save the trained SAE {name}")
+            sae.save_inference_model(staged / name)
+            save_file({"sparsity": trainer.trainers[name].log_feature_sparsity}, staged / name / SPARSITY_FILENAME)
+    eval_data = "held out: a random 10% of the activation rows, never trained on"
+    for name, sae in saes.items():
+        summary, k_hat = summarise(sae, eval_rows.split(cfg.train_batch_size_tokens), trainer.trainers[name],
+                                   eval_data=eval_data)  # fmt: skip
+        summary["nonfinite_rows_skipped"] = guard.rows_skipped
+        write_summary(summary, k_hat, Path(cfg.output_path) / name)
+    print(write_sweep_table(cfg.output_path, list(saes)).read_text())
+    return saes

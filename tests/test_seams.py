@@ -1,0 +1,172 @@
+"""The private or fragile seams of SAE-Lens and SAEBench this package relies on, each checked by name.
+
+If an upgrade of SAE-Lens or SAEBench moves one of them, the test says which seam changed and what uses it, instead
+of the package silently changing behaviour (a patch that no longer lands, a keyword that no longer exists).
+"""
+
+import inspect
+from collections.abc import Callable
+
+import pytest
+
+
+def _module(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def _params(function: Callable) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def _has(module: str, name: str) -> bool:
+    return hasattr(_module(module), name)
+
+
+def _registries_are_module_dicts() -> bool:
+    # softsae_plugin_autoload replaces these globals with lazy dicts; SAE-Lens' lookups must read the globals.
+    registry = _module("sae_lens.registry")
+    source = inspect.getsource(registry)
+    return (
+        isinstance(registry.SAE_CLASS_REGISTRY, dict)
+        and isinstance(registry.SAE_TRAINING_CLASS_REGISTRY, dict)
+        and "SAE_CLASS_REGISTRY[" in source
+        and "SAE_TRAINING_CLASS_REGISTRY[" in source
+    )
+
+
+def _trainer_state() -> bool:
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    source = inspect.getsource(SAETrainer)
+    # continue_from_checkpoint, guard_trainer, training_statistics and the quiet progress bar read or replace these.
+    return all(
+        name in source
+        for name in (
+            "self.n_training_steps",
+            "self.checkpoint_thresholds",
+            "self.data_provider",
+            "self.n_frac_active_samples",
+            "def dead_neurons",
+            "def feature_sparsity",
+            "self.lr_scheduler",
+            "tqdm(",
+        )
+    ) and _has("sae_lens.training.sae_trainer", "tqdm")
+
+
+def _absorption_vocabulary_call_sites() -> bool:
+    # absorption_vocabulary patches get_alpha_tokens where SAEBench's two modules look it up.
+    feature_absorption = _module("sae_bench.evals.absorption.feature_absorption")
+    common = _module("sae_bench.evals.absorption.common")
+    return (
+        "get_alpha_tokens(" in inspect.getsource(feature_absorption)
+        and "get_alpha_tokens(" in inspect.getsource(common)
+        and callable(feature_absorption.get_alpha_tokens)
+        and callable(common.get_alpha_tokens)
+    )
+
+
+SEAMS: dict[str, tuple[str, Callable[[], bool]]] = {
+    "sae_lens.llm_sae_training_runner._parse_cfg_args(args)": (
+        "sae-lens train parses the runner CLI with it",
+        lambda: _params(_module("sae_lens.llm_sae_training_runner")._parse_cfg_args) == ["args"],
+    ),
+    "sae_lens.saes.topk_sae.calculate_topk_aux_acts(k_aux, hidden_pre, dead_neuron_mask)": (
+        "softsae's AuxK loss calls it with these keywords",
+        lambda: (
+            _params(_module("sae_lens.saes.topk_sae").calculate_topk_aux_acts)
+            == ["k_aux", "hidden_pre", "dead_neuron_mask"]
+        ),
+    ),
+    "SAETrainer.save_checkpoint(checkpoint_name, base_path, wandb_aliases)": (
+        "guard_trainer wraps it to write whole, finite checkpoints",
+        lambda: (
+            _params(_module("sae_lens.training.sae_trainer").SAETrainer.save_checkpoint)
+            == ["self", "checkpoint_name", "base_path", "wandb_aliases"]
+        ),
+    ),
+    "SAETrainer's counters, dead-latent state and tqdm bar": (
+        "resume, the training summary and train_on_activations(progress=False) read or replace them",
+        _trainer_state,
+    ),
+    "LanguageModelSAETrainingRunner.run_trainer_with_interruption_handling(trainer) / save_final_sae": (
+        "sae-lens train's runner subclass overrides both",
+        lambda: (
+            _params(_module("sae_lens.llm_sae_training_runner").LanguageModelSAETrainingRunner.save_final_sae)
+            == ["self", "sae", "output_path", "log_feature_sparsity"]
+            and _params(
+                _module(
+                    "sae_lens.llm_sae_training_runner"
+                ).LanguageModelSAETrainingRunner.run_trainer_with_interruption_handling
+            )
+            == ["self", "trainer"]
+        ),
+    ),
+    "ActivationsStore.load_from_checkpoint": (
+        "--exact_resume turns SAE-Lens' skip-ahead off through it",
+        lambda: (
+            _has("sae_lens.training.activations_store", "ActivationsStore")
+            and hasattr(_module("sae_lens.training.activations_store").ActivationsStore, "load_from_checkpoint")
+        ),
+    ),
+    "sae_lens.registry.SAE_CLASS_REGISTRY / SAE_TRAINING_CLASS_REGISTRY": (
+        "softsae_plugin_autoload replaces these module globals with lazy registries",
+        _registries_are_module_dicts,
+    ),
+    "HookedTransformer in SAEBench's absorption and scr_and_tpp main modules": (
+        "serve_model patches that name while an eval runs",
+        lambda: (
+            _has("sae_bench.evals.absorption.main", "HookedTransformer")
+            and _has("sae_bench.evals.scr_and_tpp.main", "HookedTransformer")
+        ),
+    ),
+    "load_dataset in SAEBench's scr_and_tpp.dataset_creation and sae_bench_utils.dataset_utils": (
+        "serve_datasets patches that name with --datasets-dir",
+        lambda: (
+            _has("sae_bench.evals.scr_and_tpp.dataset_creation", "load_dataset")
+            and _has("sae_bench.sae_bench_utils.dataset_utils", "load_dataset")
+        ),
+    ),
+    "get_alpha_tokens in SAEBench's absorption feature_absorption and common modules": (
+        "absorption_vocabulary serves the sorted (or reduced) vocabulary there",
+        _absorption_vocabulary_call_sites,
+    ),
+    "run_k_sparse_probing_experiment / run_feature_absortion_experiment in SAEBench's absorption main": (
+        "absorption_artifacts_in passes them the artifact folders",
+        lambda: (
+            {"experiment_dir", "probes_dir"}
+            <= set(_params(_module("sae_bench.evals.absorption.main").run_k_sparse_probing_experiment))
+            and {"experiment_dir", "sparse_probing_experiment_dir", "probes_dir"}
+            <= set(_params(_module("sae_bench.evals.absorption.main").run_feature_absortion_experiment))
+        ),
+    ),
+    "run_eval(config, selected_saes, device, output_path, force_rerun[, artifacts_path]) of SAEBench's evals": (
+        "sae-lens eval calls them once per SAE with these keywords",
+        lambda: (
+            _params(_module("sae_bench.evals.absorption.main").run_eval)[:5]
+            == ["config", "selected_saes", "device", "output_path", "force_rerun"]
+            and "artifacts_path" in _params(_module("sae_bench.evals.scr_and_tpp.main").run_eval)
+        ),
+    ),
+    "load_or_train_probe in SAEBench's absorption common module": (
+        "sae-lens eval trains the first-letter probe with it before run_eval",
+        lambda: (
+            {"model", "base_template", "pos_idx", "layer", "probes_dir", "device"}
+            <= set(_params(_module("sae_bench.evals.absorption.common").load_or_train_probe))
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("seam", list(SEAMS))
+def test_seam_is_where_the_package_expects_it(seam):
+    used_by, check = SEAMS[seam]
+    try:
+        ok = check()
+    except (AttributeError, ImportError, TypeError, ValueError) as err:
+        ok, why = False, f" ({type(err).__name__}: {err})"
+    else:
+        why = ""
+    assert ok, f"SAE-Lens/SAEBench seam changed: {seam}{why}; {used_by}. Adapt softsae_plugin to the new version."
