@@ -20,10 +20,17 @@ __all__ = ["soft_topk"]
 
 Method = Literal["auto", "sort", "topk"]
 
-# Far tails are flushed to exact zeros: each e^z / 2 becomes (e^max(z, floor) - e^floor) / 2, clamped at 0, which
-# changes no weight by more than 1e-35 yet avoids the slow path of exp() on very negative arguments and the
-# denormals (far slower still on CPU) that tiny weights produce in the products downstream.
-_EXP_FLOOR = -80.0
+# Far tails are flushed to exact zeros: e^z / 2 becomes 0 where z < floor. In
+# float32 the floor e^-28 changes no weight by more than 4e-13 (their sum, k, by less than float32 resolves:
+# n e^floor < 1e-7 k) and keeps every weight either 0 or above 1e-13: smaller weights, times the codes and their
+# gradients, fall below float32's normal range (1.2e-38), and subnormal arithmetic is many times slower on CPUs
+# (with a floor of e^-80, early soft-phase steps ran several times slower: eval/README.md). float64 keeps e^-80,
+# 1e-35, far above its subnormals. Exp of very negative arguments is slow on CPU too.
+_EXP_FLOOR = {torch.float64: -80.0}
+_EXP_FLOOR_FLOAT32 = -28.0
+# A term below e^-80 of a log-sum changes no float32 result; clamped there, logaddexp's result (log(1 + tiny)) stays
+# out of the subnormal range.
+_LOG_TERM_FLOOR = -80.0
 # Scaled scores are clamped to +-_SCALED_LIMIT around the anchor: huge scores or a tiny tau (1e30 / 1e-6) would
 # otherwise overflow float32 to inf and the solve would return NaN. The clamp changes no weight: the threshold lies
 # within about 60 of the anchor, or midway between it and a far neighbour, so a score clamped this far out is
@@ -31,9 +38,15 @@ _EXP_FLOOR = -80.0
 _SCALED_LIMIT = 1e4
 
 
+def _exp_floor(dtype: torch.dtype) -> float:
+    """The exponent below which e^z is flushed to zero for scores of `dtype` (see above)."""
+    return _EXP_FLOOR.get(dtype, _EXP_FLOOR_FLOAT32)
+
+
 def _half_exp(arg: Tensor) -> Tensor:
-    """e^arg / 2 for arg <= 0, flushed to 0 below e^_EXP_FLOOR (see above)."""
-    return arg.clamp(min=_EXP_FLOOR).exp_().sub_(math.exp(_EXP_FLOOR)).clamp_(min=0).mul_(0.5)
+    """e^arg / 2 for arg <= 0, flushed to 0 where arg < floor (see above)."""
+    floor = _exp_floor(arg.dtype)
+    return arg.clamp(min=floor).exp_().masked_fill_(arg < floor, 0).mul_(0.5)
 
 
 def _laplace_cdf(z: Tensor) -> Tensor:
@@ -65,7 +78,7 @@ def _threshold(top: Tensor, k: Tensor, tail_lse: Tensor | None) -> tuple[Tensor,
     log_p = top + torch.logcumsumexp(-top, dim=-1)
     log_q = torch.logcumsumexp(top.flip(-1), dim=-1).flip(-1) - top
     if tail_lse is not None:
-        log_q = torch.logaddexp(log_q, tail_lse[:, None] - top)
+        log_q = torch.logaddexp(log_q, (tail_lse[:, None] - top).clamp(min=_LOG_TERM_FLOOR))
     position = torch.arange(m, dtype=top.dtype, device=top.device)
     s = torch.cummax(position + 0.5 * (1 + log_q.exp() - log_p.exp()), dim=-1).values
     piece = torch.searchsorted(s, k[:, None]).squeeze(-1)  # first i with S_i >= k: t in [v_i, v_{i-1}]
@@ -135,14 +148,14 @@ def _call_fused(fn: Callable[..., Any], *args: Tensor) -> Any:
 
 def _tail_sums(x: Tensor, low: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
     """Per row, the sum of e^((x - low) / tau) (floored as below) over the entries x < low; the count of x == low."""
-    z = ((x - low) / tau).clamp(_EXP_FLOOR, 0).exp()
+    z = ((x - low) / tau).clamp(_exp_floor(x.dtype), 0).exp()
     return torch.where(x < low, z, 0).sum(-1), (x == low).sum(-1)
 
 
 def _tail_weights(x: Tensor, low: Tensor, tau: Tensor, flush_level: Tensor, scale: Tensor) -> Tensor:
     """The tail's weights e^((x - low) / tau) * scale, flushed to zero below flush_level as in _solve_candidates."""
-    z = ((x - low) / tau).clamp(_EXP_FLOOR, 0).exp()
-    return (z - flush_level).clamp(min=0) * scale
+    z = ((x - low) / tau).clamp(_exp_floor(x.dtype), 0).exp()
+    return torch.where(z < flush_level, 0, z) * scale
 
 
 def _density_sums(weights: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -175,17 +188,21 @@ def _solve_candidates(
         tail_sum = below + (ties - (top_x == low).sum(-1)).to(below.dtype)
     else:
         # e^((x - lowest candidate) / tau) over the tail, clamped to <= 0 and with the candidates zeroed.
-        tail = torch.sub(x, low).div_(tau).clamp_(_EXP_FLOOR, 0).exp_().scatter_(-1, top_index, 0)
+        tail = torch.sub(x, low).div_(tau).clamp_(_exp_floor(x.dtype), 0).exp_().scatter_(-1, top_index, 0)
         tail_sum = tail.sum(-1)
     t, found = _threshold(top, k, top[:, -1] + tail_sum.log())
     # The tail lies below the threshold, so p = e^(v - t) / 2 there: `tail` rescaled by e^(lowest - t) / 2 (no
-    # second exp pass), flushed as in _half_exp before rescaling so that tiny weights become zeros, not denormals.
+    # second exp pass), flushed as in _half_exp before rescaling so that tiny weights become zeros, not subnormals.
+    # A tail score equal to the lowest candidate gets that candidate's weight exactly (1 * e^shift / 2).
     shift = (top[:, -1] - t)[:, None]  # <= 0 on the rows where `found`
-    flush_level = torch.exp(_EXP_FLOOR - shift)
+    floor = _exp_floor(x.dtype)
+    flush_level = torch.exp(floor - shift)
+    # Below the floor every tail weight is flushed (z <= 1 < flush_level): the scale need not go lower.
+    scale = 0.5 * torch.exp(shift.clamp(min=floor))
     if fused:
-        weights = _call_fused(_tail_weights, x, low, tau, flush_level, 0.5 * torch.exp(shift))
+        weights = _call_fused(_tail_weights, x, low, tau, flush_level, scale)
     else:
-        weights = tail.sub_(flush_level).clamp_(min=0).mul_(0.5 * torch.exp(shift))
+        weights = tail.masked_fill_(tail < flush_level, 0).mul_(scale)
     weights.scatter_(-1, top_index, _laplace_cdf(top - t[:, None]))
     return weights, anchor, found
 
@@ -276,8 +293,8 @@ def soft_topk(
     k >= n all ones, with zero gradient. `method`: "sort" solves on the fully sorted row; "topk" solves on the
     top ceil(max k) + `margin` scores with the rest folded into one sum, verifies that the threshold lies among
     them and re-solves the failing rows with "sort" (same result to rounding); "auto" uses "topk" when
-    ceil(max k) + margin < n / 2. Weights below about 1e-35 are flushed to exact zeros (speed; see
-    _EXP_FLOOR). Reading max k and checking tau synchronise with the device. `fused=True` runs the fast path's
+    ceil(max k) + margin < n / 2. Weights below about 4e-13 (1e-35 for float64) are flushed to exact zeros (speed;
+    see _EXP_FLOOR). Reading max k and checking tau synchronise with the device. `fused=True` runs the fast path's
     passes over the whole matrix (forward and backward) as torch.compile'd loops: same results to float
     rounding, several times faster on large inputs, at the price of compiling once per process (seconds to a
     minute; unfused, with a warning, where compilation is unavailable).

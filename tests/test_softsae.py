@@ -6,7 +6,7 @@ from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.sae import TrainStepInput
 
 from softsae_plugin import SoftSAE, SoftTrainingSAE, SoftTrainingSAEConfig
-from softsae_plugin.softsae import geometric_median, hard_topk_per_row
+from softsae_plugin.softsae import decode_kept_codes, geometric_median, hard_topk_per_row
 
 D_IN, D_SAE = 16, 64
 
@@ -334,3 +334,41 @@ def test_wrong_input_width_is_a_clear_error():
     sae = make_sae()
     with pytest.raises(ValueError, match=r"d_in=16.*\(3, 5\)"):
         sae.encode(torch.randn(3, 5))
+
+
+def test_decoding_the_kept_codes_equals_the_dense_product_with_its_gradients():
+    gen = torch.Generator().manual_seed(0)
+    W_dec = torch.randn(D_SAE, D_IN, generator=gen, dtype=torch.float64, requires_grad=True)
+    acts = torch.randn(2, 5, D_SAE, generator=gen, dtype=torch.float64)
+    codes = hard_topk_per_row(acts.relu(), torch.full((2, 5), 6)).requires_grad_()
+    grad_out = torch.randn(2, 5, D_IN, generator=gen, dtype=torch.float64)
+    sparse = decode_kept_codes(codes, W_dec, k_max=8)
+    dense = codes @ W_dec
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
+    (codes_grad, W_grad), (dense_codes_grad, dense_W_grad) = (
+        torch.autograd.grad(out, (codes, W_dec), grad_out) for out in (sparse, dense)
+    )
+    torch.testing.assert_close(W_grad, dense_W_grad, rtol=1e-12, atol=1e-12)
+    # The codes' gradient where codes are kept (elsewhere the hard top-k passes none back to the pre-activations).
+    kept = codes.detach() != 0
+    torch.testing.assert_close(codes_grad[kept], dense_codes_grad[kept], rtol=1e-12, atol=1e-12)
+    # More non-zeros than k_max in a row (a user's own codes): no sparse result, the dense product is used.
+    assert decode_kept_codes(acts.relu(), W_dec, k_max=8) is None
+
+
+@pytest.mark.parametrize("sparse_decode", [True, False])
+def test_the_hard_phase_and_inference_decode_alike_sparse_or_dense(tmp_path, sparse_decode):
+    sae = make_sae(sparse_decode=sparse_decode)
+    randomise_k_head(sae)
+    twin = make_sae(sparse_decode=not sparse_decode)
+    twin.load_state_dict(sae.state_dict())
+    x = torch.randn(64, D_IN)
+    outputs = [s.training_forward_pass(step_input(x, 90)) for s in (sae, twin)]
+    torch.testing.assert_close(outputs[0].sae_out, outputs[1].sae_out, rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad(o.loss, (s.W_dec, s.W_enc)) for o, s in zip(outputs, (sae, twin), strict=True)]
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    sae.save_inference_model(tmp_path)
+    loaded = SAE.load_from_disk(tmp_path)
+    assert loaded.cfg.sparse_decode is sparse_decode
+    torch.testing.assert_close(loaded(x), twin(x), rtol=1e-5, atol=1e-5)
