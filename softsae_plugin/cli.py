@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 import softsae_plugin  # noqa: F401  (registers softsae before the runner reads the registry)
+from softsae_plugin import distributed
 from softsae_plugin.reliability import (
     FiniteBatches,
     atomic_folder,
@@ -319,6 +320,7 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
             for _ in tqdm(range(self.guard_state["batches_drawn"]), desc="Replaying the activation stream"):
                 next(trainer.data_provider)
         self.guard = guard_trainer(trainer, skip_nonfinite_rows=self.skip_nonfinite_rows, guard_state=self.guard_state)
+        distributed.data_parallel(trainer)
         self.trainer = trainer
         with fit_quietly_and_in_order(trainer):
             return super().run_trainer_with_interruption_handling(trainer=trainer)
@@ -327,9 +329,26 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
     def save_final_sae(
         self, sae: TrainingSAE[Any], output_path: str, log_feature_sparsity: torch.Tensor | None = None
     ) -> None:
+        if not distributed.is_main():
+            return
         check_finite(sae.state_dict(), f"refusing to save the trained SAE to {output_path}")
         with atomic_folder(output_path) as staged:
             super().save_final_sae(sae=sae, output_path=str(staged), log_feature_sparsity=log_feature_sparsity)
+
+
+def _split_over_ranks(cfg: LanguageModelSAERunnerConfig[Any], skip_nonfinite_rows: bool) -> bool:
+    """Set `cfg` up for this data-parallel rank: its own device, its share of the batch and of the tokens (the
+    configured ones are global), W&B only on rank 0. Returns whether a resume must replay the activation stream
+    (each rank's store position is not saved, only the number of batches drawn)."""
+    cfg.device = distributed.local_device(cfg.device)
+    cfg.llm_device = distributed.local_device(cfg.llm_device or cfg.device)
+    cfg.act_store_device = distributed.local_device(cfg.act_store_device or cfg.device)
+    trainer_cfg = distributed.per_rank(cfg.to_sae_trainer_config(), skip_nonfinite_rows)
+    cfg.train_batch_size_tokens = trainer_cfg.train_batch_size_samples
+    cfg.training_tokens = trainer_cfg.total_training_samples
+    if not distributed.is_main():
+        cfg.logger.log_to_wandb = False
+    return cfg.resume_from_checkpoint is not None
 
 
 def run_llm_training(
@@ -347,6 +366,8 @@ def run_llm_training(
     from softsae_plugin.text import HELDOUT_EVERY, LOCAL_TEXT_ID, tokenized_english_text
 
     cfg.sae = with_run_length(cfg.sae, cfg.total_training_steps)
+    if distributed.init_from_environment(cfg.device) > 1:
+        exact_resume = _split_over_ranks(cfg, skip_nonfinite_rows) or exact_resume
     if cfg.output_path is not None:
         check_replaceable(cfg.output_path)
     guard_state: dict[str, int] = {}
@@ -370,6 +391,7 @@ def run_llm_training(
             override_model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train"
         )
         cfg.is_dataset_tokenized = True
+        override_dataset = distributed.shard_dataset(override_dataset)
         text_tokens = len(override_dataset) * cfg.context_size
         print(
             f"{LOCAL_TEXT_ID}: {text_tokens:,} tokens of training text (every {HELDOUT_EVERY}th paragraph held out) "
@@ -383,6 +405,10 @@ def run_llm_training(
     # SAE-Lens' runner never seeds torch: its SAE initialisation and its shuffle buffer's permutations would follow
     # whatever ran before in the process. Seeded here, after the model is built, a run is the same for the same
     # --seed, and a resumed run's replay (exact_resume) draws the same permutations.
+    if override_dataset is None and distributed.world_size() > 1:  # each rank streams its own shard of the text
+        override_dataset = distributed.load_shard(
+            cfg.dataset_path, streaming=cfg.streaming, trust_remote_code=cfg.dataset_trust_remote_code
+        )
     torch.manual_seed(cfg.seed)
     with local_sources_quietly(override_model is not None, override_dataset is not None):
         runner = _GuardedRunner(
@@ -394,7 +420,7 @@ def run_llm_training(
             override_model=override_model,
         )
         sae = runner.run()
-        if cfg.output_path is None:
+        if cfg.output_path is None or not distributed.is_main():
             return sae
         # Written after the whole folder appeared: the summary needs the activation store, which a prefetching
         # runner reads from another thread until run() returns.
@@ -408,7 +434,9 @@ def run_llm_training(
             source = runner.activations_store
             eval_data = f"held-out text: the {cfg.dataset_path} tokens that follow the training stream"
         eval_batches = FiniteBatches(source, lambda: "the evaluation after training", skip_rows=skip_nonfinite_rows)
-        summary, k_hat = summarise(sae, islice(eval_batches, SUMMARY_BATCHES), runner.trainer, eval_data=eval_data)
+        # As many held-out tokens as a one-process run measures (each rank's batch is a share of the global one).
+        n_eval = SUMMARY_BATCHES * distributed.world_size()
+        summary, k_hat = summarise(sae, islice(eval_batches, n_eval), runner.trainer, eval_data=eval_data)
     summary["training_tokens"] = cfg.training_tokens
     summary["nonfinite_rows_skipped"] = runner.guard.rows_skipped if runner.guard else 0
     write_summary(summary, k_hat, cfg.output_path)
@@ -429,13 +457,15 @@ def _train_on_file(path: str, args: list[str], config: dict[str, Any], skip_nonf
     args = [*args, "--d_in", str(activations.shape[1])]
     cfg = _parse_cfg_args(args)
     apply_nulls(cfg, config)
+    distributed.init_from_environment(cfg.device)
+    cfg.device = distributed.local_device(cfg.device)
     defaults = LanguageModelSAERunnerConfig(sae=cfg.sae)
     refused = [name for name in NOT_ON_ACTIVATIONS if getattr(cfg, name) != getattr(defaults, name)]
     if refused:
         raise ValueError(f"--activations cannot honour {', '.join(refused)}; train without them on a file of vectors")
     # Every trainer option of the runner, converted by SAE-Lens itself (training_tokens counts vectors here).
     trainer_cfg = cfg.to_sae_trainer_config()
-    if cfg.logger.log_to_wandb:
+    if cfg.logger.log_to_wandb and distributed.is_main():
         wandb.init(
             project=cfg.logger.wandb_project,
             entity=cfg.logger.wandb_entity,
@@ -452,7 +482,7 @@ def _train_on_file(path: str, args: list[str], config: dict[str, Any], skip_nonf
         skip_nonfinite_rows=skip_nonfinite_rows,
         resume_from=cfg.resume_from_checkpoint,
     )
-    if cfg.logger.log_to_wandb:
+    if cfg.logger.log_to_wandb and distributed.is_main():
         wandb.finish()
 
 

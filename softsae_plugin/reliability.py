@@ -166,8 +166,11 @@ def guard_trainer(
     Wraps `trainer.data_provider` in a `FiniteBatches` (returned, for its counts) and `trainer.save_checkpoint`
     (which SAE-Lens calls for every checkpoint, including the runner's) in a version that refuses non-finite
     weights, builds the checkpoint with `atomic_folder`, and adds the guard's counts to it so that a resumed
-    run knows its data position. `guard_state` is what `check_checkpoint` read from the checkpoint resumed.
+    run knows its data position (and its number of data-parallel ranks). Under data-parallel training only rank 0
+    writes. `guard_state` is what `check_checkpoint` read from the checkpoint resumed.
     """
+    from softsae_plugin.distributed import is_main, world_size
+
     state = guard_state or {}
     guard = FiniteBatches(
         trainer.data_provider,
@@ -182,6 +185,8 @@ def guard_trainer(
     def save_whole_finite_checkpoint(
         checkpoint_name: str, base_path: Path | str | None = None, wandb_aliases: list[str] | None = None
     ) -> None:
+        if not is_main():
+            return
         check_finite(
             trainer.sae.state_dict(),
             f"refusing to save checkpoint {checkpoint_name!r} at training step {trainer.n_training_steps}",
@@ -192,7 +197,11 @@ def guard_trainer(
             return
         with atomic_folder(Path(base) / checkpoint_name) as staged:
             save(checkpoint_name=checkpoint_name, base_path=staged.parent, wandb_aliases=wandb_aliases)
-            counts = {"batches_drawn": guard.batches_drawn, "nonfinite_rows_skipped": guard.rows_skipped}
+            counts = {
+                "batches_drawn": guard.batches_drawn,
+                "nonfinite_rows_skipped": guard.rows_skipped,
+                "world_size": world_size(),
+            }
             (staged / GUARD_STATE_FILENAME).write_text(json.dumps(counts) + "\n")
 
     trainer.save_checkpoint = save_whole_finite_checkpoint  # type: ignore[method-assign]
@@ -286,8 +295,23 @@ def check_checkpoint(path: str | Path, sae_cfg: TrainingSAEConfig, *, has_activa
                 f"resume: {path / SAE_CFG_FILENAME} has {name}={saved.get(name)!r}, but this run has {name}={value!r}; "
                 "expected the configuration the checkpoint was trained with"
             )
-    guard_state = path / GUARD_STATE_FILENAME
-    return json.loads(guard_state.read_text()) if guard_state.exists() else {}
+    guard_file = path / GUARD_STATE_FILENAME
+    guard_state = json.loads(guard_file.read_text()) if guard_file.exists() else {}
+    check_world_size(guard_state, path)
+    return guard_state
+
+
+def check_world_size(guard_state: Mapping[str, int], path: str | Path) -> None:
+    """Refuse to resume a checkpoint written by another number of data-parallel ranks: each rank's data shard and
+    position depend on it."""
+    from softsae_plugin.distributed import world_size
+
+    saved = guard_state.get("world_size", 1)
+    if saved != world_size():
+        raise ValueError(
+            f"resume: {path} was written by a run of {saved} data-parallel process(es), and this run has "
+            f"{world_size()}; resume with the same number (torchrun --nproc_per_node, --nnodes)"
+        )
 
 
 def continue_from_checkpoint(trainer: SAETrainer[Any, Any]) -> None:

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 from typing_extensions import override
 
+from softsae_plugin.distributed import gather_rows, sum_over_ranks
 from softsae_plugin.lapsum import soft_topk
 from softsae_plugin.reliability import check_finite
 from softsae_plugin.sparsity_control import calibrated_offset, constrained_k, k_from_logit, rounded_k
@@ -608,7 +609,7 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
         sae_out = self._decode(feature_acts, sparse=schedule.hard and _decodes_sparsely(self.cfg))
 
         mse_loss = self.mse_loss_fn(sae_out, x).sum(dim=-1).mean()
-        gap = k_hat.mean() - schedule.target_k
+        gap = gather_rows(k_hat).mean() - schedule.target_k  # the global batch's, under data-parallel training
         if not schedule.hard and self.cfg.sparsity_control == "softplus":
             # The paper's loss is on unit-norm inputs; ours are d_in times larger in squared error.
             sparsity_loss = self.cfg.d_in * self.cfg.sparsity_coefficient * F.softplus(gap, beta=self.cfg.sparsity_beta)
@@ -669,16 +670,19 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
         k_aux = self.cfg.k_aux or self.cfg.d_in // 2
         scale = min(n_dead / k_aux, 1.0)
         aux_acts = calculate_topk_aux_acts(k_aux=min(k_aux, n_dead), hidden_pre=hidden_pre, dead_neuron_mask=dead)
-        residual = (step_input.sae_in - sae_out).detach()
-        recons = aux_acts @ self.W_dec
-        nmse = (recons - residual).pow(2).sum(-1).mean() / (
-            (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        )
+        residual = (step_input.sae_in - sae_out).detach().reshape(-1, self.cfg.d_in)
+        recons = aux_acts.reshape(-1, self.cfg.d_sae) @ self.W_dec
+        # The residual's variance over the global batch under data-parallel training (one process: this batch's).
+        rows = sum_over_ranks(residual.new_tensor(float(residual.shape[0])))
+        centred = residual - sum_over_ranks(residual.sum(0)) / rows
+        variance = sum_over_ranks(centred.pow(2).sum()) / rows
+        nmse = (recons - residual).pow(2).sum(-1).mean() / variance.clamp_min(1e-12)
         return {"auxiliary_reconstruction_loss": self.cfg.d_in * self.cfg.aux_loss_coefficient * scale * nmse}
 
     @torch.no_grad()
     def _initialise_b_dec(self, x: torch.Tensor) -> None:
-        self.b_dec.data.copy_(geometric_median(x.reshape(-1, self.cfg.d_in)).to(self.b_dec.dtype))
+        first_batch = gather_rows(x.reshape(-1, self.cfg.d_in))  # the global batch, under data-parallel training
+        self.b_dec.data.copy_(geometric_median(first_batch).to(self.b_dec.dtype))
         self.b_dec_initialised.fill_(True)
 
     @torch.no_grad()

@@ -24,6 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from softsae_plugin.distributed import gather_rows, sum_over_ranks
+
+# The hard count is a step function of the shift, and the bisection finds a step's edge, where some input's k_hat
+# rounds either way: the calibration moves this far past it, so that float rounding (a matmul over another batch
+# split, say) cannot decide that input's count. It moves k_hat by about 1e-4 features.
+BOUNDARY_MARGIN = 1e-5
 # Bisection for a shift of the logits: 60 halvings of a 60-wide interval resolve 5e-17, below float64's resolution.
 SHIFT_RANGE = 30.0
 BISECTION_STEPS = 60
@@ -56,32 +62,38 @@ def _solve_shift(mean_of: Callable[[Tensor], Tensor], target: float, like: Tenso
 
 
 def calibrated_offset(logits: Tensor, n_positive: Tensor, k: float, k_max: int, d_sae: int) -> Tensor:
-    """The shift of the k head's logits that makes the batch's mean hard count (see `hard_counts`) equal `k`."""
-    logits = logits.detach()
-    return _solve_shift(
+    """The shift of the k head's logits that makes the batch's mean hard count (see `hard_counts`) equal `k`; under
+    data-parallel training, the global batch's."""
+    logits, n_positive = gather_rows(logits.detach()), gather_rows(n_positive)
+    edge = _solve_shift(
         lambda shift: hard_counts(k_from_logit(logits + shift, k_max, d_sae), n_positive, k_max).mean(), k, logits
     )
+    return edge + BOUNDARY_MARGIN
 
 
 class _ConstrainedK(torch.autograd.Function):
     """logits -> k_hat with the batch mean of k_hat held at the target (see the module docstring)."""
 
+    # Under data-parallel training the shift is solved on the global batch's logits, and the backward's weighted
+    # mean gradient is summed over ranks: with DistributedDataParallel's averaging, the gradient is exactly the
+    # one-process gradient of the global batch (each rank's k_hat depends on every rank's logits through the shift).
     @staticmethod
     def forward(ctx: Any, logits: Tensor, target: float, k_max: int, d_sae: int, record: Callable[..., None]) -> Tensor:
-        shift = _solve_shift(lambda s: k_from_logit(logits + s, k_max, d_sae).mean(), target, logits)
+        every = gather_rows(logits)
+        shift = _solve_shift(lambda s: k_from_logit(every + s, k_max, d_sae).mean(), target, logits)
         k_hat = k_from_logit(logits + shift, k_max, d_sae)
         probability = torch.sigmoid(logits + shift)
         # dk_hat/dz, zero where the clamp at 1 holds (those rows take no part in the constraint's slack).
         slope = k_max * probability * (1 - probability) * (k_max * probability > 1)
-        ctx.save_for_backward(slope)
+        ctx.save_for_backward(slope, sum_over_ranks(slope.sum()))
         ctx.record = record
         record(shift=shift)
         return k_hat
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (slope,) = ctx.saved_tensors
-        mean_grad = (slope * grad).sum() / slope.sum().clamp_min(torch.finfo(slope.dtype).tiny)
+        slope, total_slope = ctx.saved_tensors
+        mean_grad = sum_over_ranks((slope * grad).sum()) / total_slope.clamp_min(torch.finfo(slope.dtype).tiny)
         ctx.record(multiplier=-mean_grad * grad.numel())
         return slope * (grad - mean_grad), None, None, None, None
 
@@ -89,7 +101,8 @@ class _ConstrainedK(torch.autograd.Function):
 def constrained_k(
     logits: Tensor, target: float, k_max: int, d_sae: int, record: Callable[..., None] = lambda **_: None
 ) -> Tensor:
-    """k_hat = clamp(k_max * sigmoid(logits + shift), 1, d_sae) with the one shift that makes mean(k_hat) = target.
+    """k_hat = clamp(k_max * sigmoid(logits + shift), 1, d_sae) with the one shift that makes mean(k_hat) = target
+    (the mean over the global batch under data-parallel training).
 
     The gradient flows through the shift (implicit differentiation), so it never changes the batch mean. `record`
     is called with `shift=` (the solved shift, in the forward) and `multiplier=` (in the backward: the Lagrange

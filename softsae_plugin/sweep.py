@@ -35,12 +35,26 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 
+from softsae_plugin.distributed import (
+    data_parallel,
+    global_batches,
+    init_from_environment,
+    is_main,
+    load_shard,
+    local_device,
+    per_rank,
+    shard,
+    shard_dataset,
+    world_size,
+)
 from softsae_plugin.reliability import (
+    GUARD_STATE_FILENAME,
     FiniteBatches,
     atomic_folder,
     check_checkpoint,
     check_finite,
     check_replaceable,
+    check_world_size,
     continue_from_checkpoint,
 )
 from softsae_plugin.summary import SUMMARY_FILENAME, summarise, write_summary
@@ -131,8 +145,6 @@ def guard_multi_trainer(
 ) -> FiniteBatches:
     """The multi trainer's `guard_trainer`: every multi-hook batch checked for NaN and inf, checkpoints written
     whole, with finite weights and the data position (see `reliability.guard_trainer`)."""
-    import softsae_plugin.reliability as reliability
-
     guard = FiniteBatches(
         trainer.data_provider,
         lambda: f"training step {trainer.n_training_steps}",
@@ -144,6 +156,8 @@ def guard_multi_trainer(
     save = trainer.save_checkpoint
 
     def save_whole_finite_checkpoint(checkpoint_name: str, wandb_aliases: list[str] | None = None) -> None:
+        if not is_main():
+            return
         for name, sae in trainer.saes.items():
             check_finite(sae.state_dict(), f"refusing to save checkpoint {checkpoint_name!r} of {name}")
         base = trainer.cfg.checkpoint_path
@@ -156,8 +170,12 @@ def guard_multi_trainer(
                 save(checkpoint_name=checkpoint_name, wandb_aliases=wandb_aliases)
             finally:
                 trainer.cfg = dataclasses.replace(trainer.cfg, checkpoint_path=base)
-            counts = {"batches_drawn": guard.batches_drawn, "nonfinite_rows_skipped": guard.rows_skipped}
-            (staged / reliability.GUARD_STATE_FILENAME).write_text(json.dumps(counts) + "\n")
+            counts = {
+                "batches_drawn": guard.batches_drawn,
+                "nonfinite_rows_skipped": guard.rows_skipped,
+                "world_size": world_size(),
+            }
+            (staged / GUARD_STATE_FILENAME).write_text(json.dumps(counts) + "\n")
 
     trainer.save_checkpoint = save_whole_finite_checkpoint  # type: ignore[method-assign]
     return guard
@@ -176,8 +194,19 @@ def check_sweep_checkpoint(path: str | Path, runner_cfg: MultiSAETrainingRunnerC
     path = Path(path)
     for name, sae_cfg in runner_cfg.saes.items():
         check_checkpoint(path / name, sae_cfg, has_activations_store=False)
-    guard_file = path / "softsae_guard_state.json"
-    return json.loads(guard_file.read_text()) if guard_file.exists() else {}
+    guard_file = path / GUARD_STATE_FILENAME
+    guard_state = json.loads(guard_file.read_text()) if guard_file.exists() else {}
+    check_world_size(guard_state, path)
+    return guard_state
+
+
+def prepare_data_parallel(trainer: MultiSAETrainer) -> None:
+    """Each SAE's trainer data-parallel (see `distributed.data_parallel`), and the norm-scaling estimates drawn now,
+    on the global batches, before fit draws its progress bar (so that theirs do not nest in it)."""
+    for per_sae in trainer.trainers.values():
+        data_parallel(per_sae)
+    with global_batches(trainer):
+        trainer._estimate_scaling_factors()
 
 
 class SweepRunner(MultiSAETrainingRunner):
@@ -197,6 +226,11 @@ class SweepRunner(MultiSAETrainingRunner):
         self.lrs, self.skip_nonfinite_rows, self.guard_state = lrs, skip_nonfinite_rows, dict(guard_state or {})
         self.trainer: MultiSAETrainer | None = None
         self.guard: FiniteBatches | None = None
+        # Data-parallel: each rank's store position is not saved (only rank 0 writes); a resumed run replays its
+        # own stream up to the checkpoint's number of batches instead of skipping ahead.
+        self.replay = world_size() > 1 and cfg.resume_from_checkpoint is not None
+        if self.replay:
+            self.activations_store.load_from_checkpoint = lambda checkpoint_path: None  # type: ignore[method-assign]
 
     def run(self) -> dict[str, TrainingSAE[Any]]:
         """SAE-Lens' `run`, building `PerSAETrainer` where it builds its multi trainer."""
@@ -208,15 +242,20 @@ class SweepRunner(MultiSAETrainingRunner):
     def _run_with_interruption_handling(self, trainer: MultiSAETrainer) -> dict[str, TrainingSAE[Any]]:
         if self.cfg.resume_from_checkpoint is not None:
             continue_sweep_from_checkpoint(trainer)
+        if self.replay:
+            for _ in range(self.guard_state.get("batches_drawn", 0)):
+                next(trainer.data_provider)
         self.guard = guard_multi_trainer(
             trainer, skip_nonfinite_rows=self.skip_nonfinite_rows, guard_state=self.guard_state
         )
         self.trainer = trainer
-        trainer._estimate_scaling_factors()  # before fit draws its bar, so the estimates' bars do not nest in it
+        prepare_data_parallel(trainer)
         return super()._run_with_interruption_handling(trainer)
 
     def _save_final_outputs(self, saes: dict[str, TrainingSAE[Any]], trainer: MultiSAETrainer) -> None:
         assert self.cfg.output_path is not None
+        if not is_main():
+            return
         for name, sae in saes.items():
             check_finite(sae.state_dict(), f"refusing to save the trained SAE {name}")
         output_path = self.cfg.output_path
@@ -306,6 +345,22 @@ def _seeded_saes(cfg: MultiSAETrainingRunnerConfig) -> dict[str, TrainingSAE[Any
     return saes
 
 
+def _split_over_ranks(cfg: MultiSAETrainingRunnerConfig, skip_nonfinite_rows: bool) -> MultiSAETrainingRunnerConfig:
+    # This rank's own device and its share of the (global) batch and tokens; W&B on rank 0 only.
+    if init_from_environment(cfg.device) == 1:
+        return cfg
+    trainer_cfg = per_rank(cfg.to_sae_trainer_config(), skip_nonfinite_rows)
+    cfg.device = local_device(cfg.device)
+    cfg.llm_device = local_device(cfg.llm_device or cfg.device)
+    cfg.act_store_device = local_device(cfg.act_store_device or cfg.device)
+    cfg.train_batch_size_tokens = trainer_cfg.train_batch_size_samples
+    cfg.training_tokens = trainer_cfg.total_training_samples
+    cfg.saes = {name: dataclasses.replace(sae_cfg, device=cfg.device) for name, sae_cfg in cfg.saes.items()}
+    if not is_main():
+        cfg.logger.log_to_wandb = False
+    return cfg
+
+
 def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batches: int = 32) -> dict[str, Any]:
     """Train a language-model sweep with `SweepRunner`: offline model and text where the names ask for them, the
     checkpoint checked before SAE-Lens resumes from it, then each SAE's training summary (on held-out text) in its
@@ -315,7 +370,7 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
     from softsae_plugin.smollm2 import is_local_model, load_local_model
     from softsae_plugin.text import HELDOUT_EVERY, LOCAL_TEXT_ID, tokenized_english_text
 
-    cfg = sweep.runner
+    cfg = _split_over_ranks(sweep.runner, skip_nonfinite_rows)
     if cfg.output_path is not None:
         check_replaceable(cfg.output_path)
     guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
@@ -331,6 +386,9 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
                 f"dataset_path={LOCAL_TEXT_ID!r} needs a local model_name (e.g. smollm2-135m-instruct-q4_1)"
             )
         dataset = tokenized_english_text(model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train")
+        dataset = shard_dataset(dataset)
+    elif world_size() > 1:  # each rank streams its own shard of the text
+        dataset = load_shard(cfg.dataset_path, streaming=cfg.streaming, trust_remote_code=cfg.dataset_trust_remote_code)
     with local_sources_quietly(model is not None, dataset is not None):
         runner = SweepRunner(
             cfg,
@@ -342,7 +400,7 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
             override_saes=_seeded_saes(cfg),
         )
         saes = runner.run()
-    if cfg.output_path is None:
+    if cfg.output_path is None or not is_main():
         return saes
     assert runner.trainer is not None
     if dataset is not None:
@@ -355,13 +413,13 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
             heldout.with_format(None),
             hooks,
             batch_tokens=cfg.train_batch_size_tokens,
-            n_batches=summary_batches,
+            n_batches=summary_batches * world_size(),
             special=special,
         )
         eval_data = f"held-out text: every {HELDOUT_EVERY}th paragraph of {LOCAL_TEXT_ID}, never trained on"
     else:
         stream = runner.activations_store.get_multi_hook_data_loader()
-        batches = list(islice(stream, summary_batches))
+        batches = list(islice(stream, summary_batches * world_size()))
         per_hook = {hook: [b[hook] for b in batches] for hook in hooks}
         eval_data = f"held-out text: the {cfg.dataset_path} tokens that follow the training stream"
     for name, sae in saes.items():
@@ -385,6 +443,8 @@ def train_sweep_on_activations(
     from softsae_plugin.train import HELDOUT_FRACTION
 
     cfg = sweep.runner
+    init_from_environment(cfg.device)
+    cfg.device = local_device(cfg.device)
     if cfg.output_path is not None:
         check_replaceable(cfg.output_path)
     eval_rows = None
@@ -395,19 +455,19 @@ def train_sweep_on_activations(
     stream = batches(activations, cfg.train_batch_size_tokens, seed=cfg.seed, start=guard_state.get("batches_drawn", 0))
     hook = "activations"
     trainer = PerSAETrainer(
-        cfg=cfg.to_sae_trainer_config(),
+        cfg=per_rank(cfg.to_sae_trainer_config(), skip_nonfinite_rows),
         saes=saes,
         hook_names=dict.fromkeys(saes, hook),
-        data_provider=({hook: batch} for batch in stream),
+        data_provider=({hook: shard(batch)} for batch in stream),  # each rank its slice of each global batch
         lrs=sweep.lrs,
     )
     if cfg.resume_from_checkpoint is not None:
         trainer.load_checkpoint(cfg.resume_from_checkpoint)
         continue_sweep_from_checkpoint(trainer)
     guard = guard_multi_trainer(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
-    trainer._estimate_scaling_factors()
+    prepare_data_parallel(trainer)
     saes = trainer.fit()
-    if cfg.output_path is None:
+    if cfg.output_path is None or not is_main():
         return saes
     with atomic_folder(cfg.output_path) as staged:
         for name, sae in saes.items():

@@ -27,6 +27,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from softsae_plugin import distributed
 from softsae_plugin.activations import ActivationSource, batches, load_activations, split_heldout
 from softsae_plugin.reliability import (
     FiniteBatches,
@@ -92,19 +93,21 @@ def _quiet_bars() -> Iterator[None]:
 @contextmanager
 def fit_quietly_and_in_order(trainer: SAETrainer[Any, Any], *, progress: bool = True) -> Iterator[None]:
     """Prepare `trainer` for its `fit()`, run inside the block: the activation scale is estimated first (SAE-Lens'
-    own estimate, on the same batches `fit` would take, so results are unchanged), so that its progress bar does
-    not nest inside the training bar; with `progress=False` neither bar is drawn."""
+    own estimate, on the same batches `fit` would take, so results are unchanged; the global batches under
+    data-parallel training), so that its progress bar does not nest inside the training bar; with `progress=False`
+    (and on every rank but the first) neither bar is drawn."""
     with ExitStack() as stack:
-        if not progress:
+        if not progress or not distributed.is_main():
             stack.enter_context(_quiet_bars())
         if trainer.sae.cfg.normalize_activations == "expected_average_only_in" and (
             trainer.activation_scaler.scaling_factor is None
         ):
-            trainer.activation_scaler.estimate_scaling_factor(
-                d_in=trainer.sae.cfg.d_in,
-                data_provider=trainer.data_provider,
-                n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
-            )
+            with distributed.global_batches(trainer):  # every rank estimates on the global batches
+                trainer.activation_scaler.estimate_scaling_factor(
+                    d_in=trainer.sae.cfg.d_in,
+                    data_provider=trainer.data_provider,
+                    n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
+                )
         yield
 
 
@@ -223,15 +226,23 @@ def train_with_trainer_config(
             )
     sae = TrainingSAE.from_dict(dataclasses.replace(sae_cfg, device=trainer_cfg.device).to_dict())
     data = batches(activations, batch_size, seed=seed, start=guard_state.get("batches_drawn", 0))
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data)
+    # Data-parallel: every rank draws the same global batches and trains on its own slice of each.
+    trainer = SAETrainer(
+        cfg=distributed.per_rank(trainer_cfg, skip_nonfinite_rows),
+        sae=sae,
+        data_provider=map(distributed.shard, data),
+    )
     if resume_from is not None:
         # What SAE-Lens' runner does for resume_from_checkpoint; the data position is restored above.
         trainer.load_trainer_state(resume_from)
         sae.load_weights_from_checkpoint(resume_from)
         continue_from_checkpoint(trainer)
     guard = guard_trainer(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
+    distributed.data_parallel(trainer)
     with fit_quietly_and_in_order(trainer, progress=progress):
         sae = trainer.fit()
+    if not distributed.is_main():
+        return sae
     if output_path is None:
         return sae
     check_finite(sae.state_dict(), f"refusing to save the trained SAE to {output_path}")

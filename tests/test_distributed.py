@@ -1,0 +1,102 @@
+"""Data-parallel training under torchrun (gloo on CPU): the same weights as one process with the global batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from softsae_plugin.summary import SUMMARY_FILENAME
+
+BIN = Path(sys.executable).parent
+SAE_LENS, TORCHRUN = str(BIN / "sae-lens"), str(BIN / "torchrun")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# 20 steps of a global batch of 128 vectors, in float64, with a hard phase (the last 2 steps), AuxK and checkpoints.
+EMBEDDING = ["--d_sae", "64", "--k", "4", "--training_tokens", str(20 * 128), "--train_batch_size_tokens", "128",
+             "--n_batches_for_norm_estimate", "3", "--lr", "0.003", "--seed", "3", "--sae.dtype", "float64",
+             "--dead_feature_window", "5"]  # fmt: skip
+
+
+def train(*args: str, ranks: int = 1, cwd: Path) -> subprocess.CompletedProcess:
+    launcher = [TORCHRUN, "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+    result = subprocess.run([*launcher, SAE_LENS, "train", *args], capture_output=True, text=True, timeout=900,
+                            env=ENV, cwd=cwd)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def max_relative_difference(a: Path, b: Path) -> float:
+    one, two = load_file(a / "sae_weights.safetensors"), load_file(b / "sae_weights.safetensors")
+    assert one.keys() == two.keys()
+    return max(float((one[k] - two[k]).abs().max() / one[k].abs().max().clamp_min(1e-30)) for k in one)
+
+
+@pytest.fixture(scope="module")
+def activations(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ddp")
+    np.save(folder / "acts.npy", np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32))
+    return folder
+
+
+@pytest.mark.parametrize("architecture", ["softsae", "topk"])
+def test_two_ranks_with_half_batches_train_the_weights_of_one_process(activations, architecture):
+    """2 gloo ranks, each with half of every global batch, against one process with the whole batch: the same
+    weights after 20 steps to float64 rounding (gradients averaged by DDP; softsae's constraint and L0 calibration,
+    the norm estimate, b_dec's initialisation and the firing counters over the global batch)."""
+    args = ["--architecture", architecture, "--activations", "acts.npy", *EMBEDDING]
+    train(*args, "--output_path", "one", cwd=activations)
+    two = train(*args, "--output_path", "two", "--checkpoint_path", "ckpt", "--n_checkpoints", "1", ranks=2,
+                cwd=activations)  # fmt: skip
+    assert max_relative_difference(activations / "one", activations / "two") < 1e-6
+    one_summary, two_summary = (json.loads((activations / d / SUMMARY_FILENAME).read_text()) for d in ("one", "two"))
+    assert one_summary["train_mean_l0"] == pytest.approx(two_summary["train_mean_l0"], rel=1e-9)
+    assert two.stdout.count("architecture ") == 1, "only rank 0 prints the summary"
+    (checkpoint,) = (activations / "ckpt").glob("*/*")
+    assert json.loads((checkpoint / "softsae_guard_state.json").read_text())["world_size"] == 2
+    # Resuming with another number of processes is refused, naming both.
+    resumed = subprocess.run([SAE_LENS, "train", *args, "--resume", str(checkpoint), "--output_path", "r"],
+                             capture_output=True, text=True, timeout=300, env=ENV, cwd=activations)  # fmt: skip
+    assert resumed.returncode == 2
+    assert "written by a run of 2 data-parallel process(es), and this run has 1" in resumed.stderr
+    for folder in ("one", "two", "ckpt"):
+        shutil.rmtree(activations / folder)
+
+
+def test_a_sweep_trains_data_parallel_like_one_process(activations):
+    sweep = {"d_sae": 64, "training_tokens": 20 * 128, "train_batch_size_tokens": 128, "n_batches_for_norm_estimate": 3,
+             "lr": 0.003, "seed": 3,
+             "saes": {"soft": {"architecture": "softsae", "k": 4, "dtype": "float64", "lr": 0.002},
+                      "top": {"architecture": "topk", "k": 4, "dtype": "float64",
+                              "normalize_activations": "expected_average_only_in"}}}  # fmt: skip
+    (activations / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    for ranks, out in ((1, "s1"), (2, "s2")):
+        train("--config", "sweep.yaml", "--activations", "acts.npy", "--output_path", out, ranks=ranks,
+              cwd=activations)  # fmt: skip
+    for name in ("soft", "top"):
+        assert max_relative_difference(activations / "s1" / name, activations / "s2" / name) < 1e-6, name
+
+
+@pytest.mark.slow
+def test_torchrun_trains_on_smollm2_like_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 sae-lens train` on the offline SmolLM2: each rank its own model and its own shard
+    of the text; one output folder; FVE within 0.01 of one process with the same global batch."""
+    config = {
+        "architecture": "softsae", "model_name": "smollm2-135m-instruct-q4_1", "hook_name": "blocks.1.hook_resid_post",
+        "dataset_path": "local:english-wikipedia", "context_size": 64, "exclude_special_tokens": True, "d_in": 576,
+        "d_sae": 1152, "k": 8, "k_max": 24, "training_tokens": 100 * 512, "train_batch_size_tokens": 512,
+        "store_batch_size_prompts": 8, "n_batches_in_buffer": 16, "n_batches_for_norm_estimate": 2, "lr": 0.0005,
+        "seed": 42, "device": "cpu", "checkpoint_path": None,
+    }  # fmt: skip
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    train("--config", "cfg.yaml", "--output_path", "one", cwd=tmp_path)
+    train("--config", "cfg.yaml", "--output_path", "two", ranks=2, cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "one", "two"]
+    one, two = (json.loads((tmp_path / d / SUMMARY_FILENAME).read_text()) for d in ("one", "two"))
+    assert two["n_eval_inputs"] == one["n_eval_inputs"]
+    assert abs(two["fve"] - one["fve"]) < 0.01, (one["fve"], two["fve"])
