@@ -54,6 +54,7 @@ import softsae_plugin  # noqa: F401  (registers softsae, so SoftSAE checkpoints 
 from softsae_plugin.reliability import check_sae_folder
 from softsae_plugin.smollm2 import is_local_model, load_local_model
 from softsae_plugin.summary import SUMMARY_FILENAME
+from softsae_plugin.text import LOCAL_TEXT_ID, english_text
 
 EVALS = {
     "absorption": "SAEBench's first-letter feature absorption (mean_absorption_fraction_score)",
@@ -62,40 +63,84 @@ EVALS = {
     "scr": "SAEBench's spurious correlation removal (scr_metric_threshold_2); needs bias_in_bios and amazon "
     "reviews (the Hub, or --datasets-dir)",
     "tpp": "SAEBench's targeted probe perturbation (tpp_threshold_10_total_metric); same datasets as scr",
+    "core": "SAEBench's core eval: reconstruction (explained_variance) and the model's loss with the SAE spliced in "
+    "(ce_loss_score), on core.dataset (SAEBench's openwebtext; local:english-wikipedia offline)",
+    "sparse_probing": "SAEBench's sparse probing (sae_top_1_test_accuracy); its datasets from the Hub or "
+    "--datasets-dir (set sparse_probing.dataset_names to those you have)",
+    "saelens": "SAE-Lens' own run_evals (its explained_variance and ce_loss_score), on saelens.dataset",
 }
-# SAEBench's eval type ids, which name its output folders and JSON files.
+# SAEBench's eval type ids, which name its output folders and JSON files (saelens: this command's own).
 ABSORPTION_ID, SCR_ID, TPP_ID = "absorption_first_letter", "scr", "tpp"
-TABLE_COLUMNS = (
-    "SAE",
-    "architecture",
-    "k",
-    "L0",
-    "FVE",
-    "mean_absorption_fraction_score",
-    "mean_absorption_fraction_score_std",
-    "mean_num_split_features",
-    "mean_num_split_features_std",
-    "scr_metric_threshold_2",
-    "scr_metric_threshold_2_std",
-    "tpp_threshold_10_total_metric",
-    "tpp_threshold_10_total_metric_std",
-    "n_seeds",
-    "decoder",
-    "labels",
-)
-# Where each metric column lives in SAEBench's output JSON: eval type id, metric category, metric name.
+CORE_ID, SPARSE_PROBING_ID, SAELENS_ID = "core", "sparse_probing", "saelens"
+EVAL_IDS = (ABSORPTION_ID, SCR_ID, TPP_ID, CORE_ID, SPARSE_PROBING_ID, SAELENS_ID)
+# Each table column's source in the result JSON: eval type id, metric category, metric name.
 METRIC_SOURCES = {
-    "mean_absorption_fraction_score": (ABSORPTION_ID, "mean"),
-    "mean_num_split_features": (ABSORPTION_ID, "mean"),
-    "scr_metric_threshold_2": (SCR_ID, "scr_metrics"),
-    "tpp_threshold_10_total_metric": (TPP_ID, "tpp_metrics"),
+    "mean_absorption_fraction_score": (ABSORPTION_ID, "mean", "mean_absorption_fraction_score"),
+    "mean_num_split_features": (ABSORPTION_ID, "mean", "mean_num_split_features"),
+    "scr_metric_threshold_2": (SCR_ID, "scr_metrics", "scr_metric_threshold_2"),
+    "tpp_threshold_10_total_metric": (TPP_ID, "tpp_metrics", "tpp_threshold_10_total_metric"),
+    "explained_variance": (CORE_ID, "reconstruction_quality", "explained_variance"),
+    "ce_loss_score": (CORE_ID, "model_performance_preservation", "ce_loss_score"),
+    "sae_top_1_test_accuracy": (SPARSE_PROBING_ID, "sae", "sae_top_1_test_accuracy"),
+    "saelens_explained_variance": (SAELENS_ID, "reconstruction_quality", "explained_variance"),
+    "saelens_ce_loss_score": (SAELENS_ID, "model_performance_preservation", "ce_loss_score"),
 }
 EVAL_METRICS = {
     "absorption": ("mean_absorption_fraction_score",),
     "splitting": ("mean_num_split_features",),
     "scr": ("scr_metric_threshold_2",),
     "tpp": ("tpp_threshold_10_total_metric",),
+    "core": ("explained_variance", "ce_loss_score"),
+    "sparse_probing": ("sae_top_1_test_accuracy",),
+    "saelens": ("saelens_explained_variance", "saelens_ce_loss_score"),
 }
+TABLE_COLUMNS = (
+    "SAE",
+    "architecture",
+    "k",
+    "L0",
+    "FVE",
+    *(name for metric in METRIC_SOURCES for name in (metric, f"{metric}_std")),
+    "n_seeds",
+    "decoder",
+    "labels",
+)
+# SAEBench's default text for the core eval; offline, the local held-out text serves it (and SAE-Lens' evals).
+DEFAULT_TEXT = "Skylion007/openwebtext"
+
+
+@dataclasses.dataclass
+class CoreSettings:
+    """The settings of SAEBench's core eval (its `multiple_evals` arguments, with its command line's defaults; the
+    feature-wise statistics on, since SAEBench's output schema requires the metrics they feed)."""
+
+    model_name: str = ""
+    random_seed: int = 42
+    llm_dtype: str = "float32"
+    n_eval_reconstruction_batches: int = 10
+    n_eval_sparsity_variance_batches: int = 1
+    eval_batch_size_prompts: int = 8
+    compute_featurewise_density_statistics: bool = True
+    compute_featurewise_weight_based_metrics: bool = True
+    exclude_special_tokens_from_reconstruction: bool = False
+    dataset: str = DEFAULT_TEXT
+    context_size: int = 128
+
+
+@dataclasses.dataclass
+class SaeLensSettings:
+    """The settings of SAE-Lens' own run_evals (its EvalConfig, every metric on) and the text it reads."""
+
+    model_name: str = ""
+    random_seed: int = 42
+    llm_dtype: str = "float32"
+    batch_size_prompts: int = 8
+    n_eval_reconstruction_batches: int = 10
+    n_eval_sparsity_variance_batches: int = 1
+    dataset: str = DEFAULT_TEXT
+    context_size: int = 128
+
+
 # Config fields this command sets itself; the rest of SAEBench's config can be overridden with --set.
 OWN_FIELDS = ("model_name", "perform_scr")
 # SAEBench's scr/tpp config has no batch-size default for models outside its own table.
@@ -234,12 +279,13 @@ def _parse_evals(text: str) -> list[str]:
 
 
 def _override_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    sections: dict[str, dict[str, Any]] = {"absorption": {}, "scr": {}, "tpp": {}}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in ("absorption", "scr", "tpp", "core",
+                                                                 "sparse_probing", "saelens")}  # fmt: skip
     raw: list[tuple[str, str, Any]] = []
     for path in args.eval_config:
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-            raise EvalError(f"--eval-config {path}: expected sections absorption/scr/tpp of fields")
+            raise EvalError(f"--eval-config {path}: expected sections of fields, one per eval: {', '.join(sections)}")
         raw += [(section, key, value) for section, fields in data.items() for key, value in fields.items()]
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -530,13 +576,13 @@ def check_results(
             raise EvalError(f"{eval_id}: SAEBench returned non-finite metrics for {spec.name}: {bad}")
 
 
-def build_model(model_name: str, saes: Sequence[SAESpec], dtype: str, device: str) -> Any:
-    """The model SAEBench's evals get, built once for all of them (and before seeding, so that every eval
-    starts from the same RNG state whichever evals run together).
+def build_model(model_name: str, saes: Sequence[SAESpec], dtype: str, device: str, *, logits: bool = False) -> Any:
+    """The model the evals get, built once for all of them (and before seeding, so that every eval starts from the
+    same RNG state whichever evals run together).
 
-    A local id (e.g. smollm2-135m-instruct-q4_1) is built offline with only the blocks up to the deepest hook:
-    these four evals read hook activations only, never logits. Any other name is loaded exactly as SAEBench
-    loads it, with TransformerLens' `from_pretrained_no_processing`.
+    A local id (e.g. smollm2-135m-instruct-q4_1) is built offline, with only the blocks up to the deepest hook
+    unless `logits` are needed (the core and saelens evals splice the SAE in and compare the model's losses). Any
+    other name is loaded exactly as SAEBench loads it, with TransformerLens' `from_pretrained_no_processing`.
     """
     if not is_local_model(model_name):
         from transformer_lens import HookedTransformer
@@ -544,7 +590,7 @@ def build_model(model_name: str, saes: Sequence[SAESpec], dtype: str, device: st
         return HookedTransformer.from_pretrained_no_processing(model_name, device=device, dtype=getattr(torch, dtype))
     hooks = [str(s.sae.cfg.metadata.hook_name) if s.sae is not None else "" for s in saes]
     layers = [int(m.group(1)) for hook in hooks if (m := re.match(r"blocks\.(\d+)\.", hook))]
-    first_n_layers = max(layers) + 1 if len(layers) == len(saes) else None
+    first_n_layers = max(layers) + 1 if len(layers) == len(saes) and not logits else None
     return load_local_model(model_name, first_n_layers=first_n_layers, device=device, dtype=getattr(torch, dtype))
 
 
@@ -613,10 +659,14 @@ def train_absorption_probes(model: Any, saes: Sequence[SAESpec], config: Any, wo
 
 
 def eval_labels(
-    evals: Sequence[str], served: dict[str, str], absorption_vocab_size: int | None, overrides: dict[str, dict]
+    evals: Sequence[str],
+    served: dict[str, str],
+    absorption_vocab_size: int | None,
+    overrides: dict[str, dict[str, Any]],
+    configs: dict[str, Any],
 ) -> dict[str, list[str]]:
-    """Per SAEBench eval type id, the labels its numbers carry: where its settings depart from SAEBench's own."""
-    labels: dict[str, list[str]] = {ABSORPTION_ID: [], SCR_ID: [], TPP_ID: []}
+    """Per eval type id, the labels its numbers carry: where its settings depart from SAEBench's own."""
+    labels: dict[str, list[str]] = {eval_id: [] for eval_id in EVAL_IDS}
     if absorption_vocab_size is not None:
         labels[ABSORPTION_ID].append(
             f"reduced vocabulary: first-letter probe on about {absorption_vocab_size} of the model's alphabetic "
@@ -624,17 +674,27 @@ def eval_labels(
         )
     if served:
         stand_in = any(note.startswith(PIPELINE_CHECK_MARK) for note in served.values())
-        for eval_id in (SCR_ID, TPP_ID):
+        for eval_id in (SCR_ID, TPP_ID, SPARSE_PROBING_ID):
             labels[eval_id].append(
                 f"{PIPELINE_CHECK_LABEL}: stand-in datasets from --datasets-dir"
                 if stand_in
                 else f"datasets from local copies (--datasets-dir): {', '.join(sorted(served))}"
             )
-    for section, eval_ids in (("absorption", (ABSORPTION_ID,)), ("scr", (SCR_ID,)), ("tpp", (TPP_ID,))):
-        changed = {key: value for key, value in overrides[section].items() if key != "random_seed"}
-        for eval_id in eval_ids:
-            if changed:
-                labels[eval_id].append(f"SAEBench settings changed: {changed}")
+    for eval_id in (CORE_ID, SAELENS_ID):
+        if eval_id in configs and configs[eval_id].dataset == LOCAL_TEXT_ID:
+            labels[eval_id].append(
+                f"measured on {LOCAL_TEXT_ID} (held-out paragraphs of gensim's Wikipedia sample), not {DEFAULT_TEXT}"
+            )
+    sections = {"absorption": ABSORPTION_ID, "scr": SCR_ID, "tpp": TPP_ID, "core": CORE_ID,
+                "sparse_probing": SPARSE_PROBING_ID, "saelens": SAELENS_ID}  # fmt: skip
+    for section, eval_id in sections.items():
+        if eval_id not in configs:
+            continue
+        # The values as the eval's config holds them (parsed), not as typed on the command line.
+        keys = [key for key in overrides[section] if key not in ("random_seed", "dataset")]
+        changed = {key: getattr(configs[eval_id], key) for key in keys}
+        if changed:
+            labels[eval_id].append(f"settings changed from the eval's defaults: {changed}")
     return labels
 
 
@@ -652,41 +712,52 @@ def run_evals(
     force_rerun: bool = True,
     absorption_vocab_size: int | None = None,
 ) -> dict[str, str]:
-    """Run SAEBench's evals on `saes` and check every result; return the datasets served from local copies.
+    """Run the evals on `saes` and check every result; return the datasets served from local copies.
 
-    SAEBench's `run_eval` runs once per SAE, each time from the same random state (SAEBench's `random_seed`
-    plus `seed_offset`), so an SAE's numbers do not depend on the other SAEs of the command or their order.
-    `models` holds the model per dtype (see `build_model`), built once for every seed. SAEBench writes its results
-    to `out/<eval type id>/` and its artifacts to `out/saebench/<model>/` (emptied first under `force_rerun`, so
-    no probe or cached activation from an earlier run is reused).
+    SAEBench's `run_eval` runs once per SAE, each time from the same random state (the eval's `random_seed` plus
+    `seed_offset`), so an SAE's numbers do not depend on the other SAEs of the command or their order. `models`
+    holds the model per dtype (see `build_model`), built once for every seed. Results go to `out/<eval type id>/`
+    and SAEBench's artifacts to `out/saebench/<model>/` (emptied first under `force_rerun`, so no probe or cached
+    activation from an earlier run is reused).
     """
     from sae_bench.evals.absorption import main as absorption_main
+    from sae_bench.evals.core import main as core_main
     from sae_bench.evals.scr_and_tpp import main as scr_tpp_main
+    from sae_bench.evals.sparse_probing import main as sparse_probing_main
 
     workdir = out / "saebench" / re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
     if force_rerun and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     served: dict[str, str] = {}
+    modules = {ABSORPTION_ID: absorption_main, SCR_ID: scr_tpp_main, TPP_ID: scr_tpp_main, CORE_ID: core_main,
+               SPARSE_PROBING_ID: sparse_probing_main}  # fmt: skip
     for eval_id, config in eval_configs(evals, model_name, overrides, seed_offset).items():
-        module = absorption_main if eval_id == ABSORPTION_ID else scr_tpp_main
         eval_dir = out / eval_id
-        print(f"== SAEBench {eval_id} on {len(saes)} SAE(s), model {model_name}, seed {config.random_seed}", flush=True)
+        print(f"== {eval_id} on {len(saes)} SAE(s), model {model_name}, seed {config.random_seed}", flush=True)
         started = time.time()
+        explain: Callable[[SAESpec], str] = _no_reason
         with ExitStack() as stack:
-            stack.enter_context(serve_model(module, model_name, models))
+            if eval_id in modules:
+                stack.enter_context(serve_model(modules[eval_id], model_name, models))
             if eval_id == ABSORPTION_ID:
                 stack.enter_context(absorption_vocabulary(absorption_vocab_size, config.random_seed))
                 train_absorption_probes(models[config.llm_dtype], saes, config, workdir, device)
                 stack.enter_context(absorption_artifacts_in(workdir))
                 eval_dir.mkdir(parents=True, exist_ok=True)  # SAEBench's absorption CLI makes it, run_eval does not
-                run = partial(module.run_eval, output_path=str(eval_dir))
-                explain: Callable[[SAESpec], str] = partial(_absorption_skip_reason, workdir, config=config)
-            else:
+                run = partial(absorption_main.run_eval, output_path=str(eval_dir))
+                explain = partial(_absorption_skip_reason, workdir, config=config)
+            elif eval_id in (SCR_ID, TPP_ID, SPARSE_PROBING_ID):
                 if datasets_dir is not None:
                     stack.enter_context(serve_datasets(datasets_dir, served))
-                run = partial(module.run_eval, output_path=str(out), artifacts_path=str(workdir))
-                explain = _no_reason
+                # SAEBench's scr/tpp add their own subfolder to output_path; sparse probing writes into it.
+                output = out if eval_id != SPARSE_PROBING_ID else eval_dir
+                run = partial(modules[eval_id].run_eval, output_path=str(output), artifacts_path=str(workdir))
+            elif eval_id == CORE_ID:
+                stack.enter_context(serve_text(config.dataset))
+                run = partial(_run_core, output_folder=str(eval_dir))
+            else:
+                run = partial(run_saelens_evals, model=models[config.llm_dtype], eval_dir=eval_dir)
             for spec in saes:
                 _seed(config.random_seed)
                 run(config=config, selected_saes=[spec.selection()], device=device, force_rerun=force_rerun)
@@ -694,12 +765,82 @@ def run_evals(
     return served
 
 
+def _run_core(
+    config: CoreSettings, selected_saes: list[Any], device: str, force_rerun: bool, output_folder: str
+) -> None:
+    # SAEBench's core eval takes its settings as arguments, not as a config object.
+    from sae_bench.evals.core.main import multiple_evals
+
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for own in ("model_name", "random_seed", "llm_dtype"):
+        settings.pop(own)
+    multiple_evals(selected_saes=selected_saes, output_folder=output_folder, dtype=config.llm_dtype, device=device,
+                   force_rerun=force_rerun, **settings)  # fmt: skip
+
+
+def run_saelens_evals(
+    config: SaeLensSettings, selected_saes: list[Any], device: str, force_rerun: bool, model: Any, eval_dir: Path
+) -> None:
+    """SAE-Lens' own `run_evals` on each SAE object (every metric of its EvalConfig on), its result written like
+    SAEBench's: `eval_dir/<name>_custom_sae_eval_results.json` with `eval_result_metrics` by category."""
+    from sae_bench.sae_bench_utils.general_utils import get_results_filepath
+    from sae_lens.evals import EvalConfig, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+    from sae_lens.training.activations_store import ActivationsStore
+
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    settings = EvalConfig(
+        batch_size_prompts=config.batch_size_prompts,
+        n_eval_reconstruction_batches=config.n_eval_reconstruction_batches,
+        n_eval_sparsity_variance_batches=config.n_eval_sparsity_variance_batches,
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+    )
+    for name, sae in selected_saes:
+        path = Path(get_results_filepath(str(eval_dir), name, "custom_sae"))
+        if path.exists() and not force_rerun:
+            continue
+        with serve_text(config.dataset):
+            store = ActivationsStore.from_sae(model, sae, context_size=config.context_size, dataset=config.dataset)
+        # Shuffled as SAEBench's core eval shuffles its text (with its fixed seed 42, this eval's default seed).
+        store.shuffle_input_dataset(seed=config.random_seed)
+        # The saved SAE takes raw activations: no scaling (SAE-Lens folded it into the weights).
+        metrics, _ = run_evals(sae, store, model, ActivationScaler(), settings)
+        result = {
+            "eval_type_id": SAELENS_ID,
+            "eval_config": dataclasses.asdict(config),
+            "eval_result_metrics": metrics,
+            "sae_cfg_dict": sae.cfg.to_dict(),
+        }
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def serve_text(dataset: str) -> Iterator[None]:
+    """While the block runs, SAE-Lens' activation store reads the local held-out text (softsae_plugin.text's held-out
+    paragraphs) where it asks `load_dataset` for LOCAL_TEXT_ID; any other name goes to `datasets` as usual."""
+    import sae_lens.training.activations_store as store_module
+
+    load_dataset = store_module.load_dataset
+
+    def load(path: str, *args: Any, **kwargs: Any) -> Any:
+        return english_text(split="heldout") if path == LOCAL_TEXT_ID else load_dataset(path, *args, **kwargs)
+
+    with mock.patch.object(store_module, "load_dataset", load):
+        yield
+
+
 def eval_configs(
     evals: Sequence[str], model_name: str, overrides: dict[str, dict[str, Any]], seed_offset: int = 0
 ) -> dict[str, Any]:
-    """SAEBench's config for each eval type id to run, its random_seed moved on by `seed_offset`."""
+    """Each eval's config (SAEBench's, or this command's settings for core and saelens), keyed by eval type id,
+    its random_seed moved on by `seed_offset`."""
     from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
     from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
+    from sae_bench.evals.sparse_probing.eval_config import SparseProbingEvalConfig
 
     configs: dict[str, Any] = {}
     if "absorption" in evals or "splitting" in evals:
@@ -720,6 +861,21 @@ def eval_configs(
                 perform_scr=eval_name == "scr",
                 **_default_llm_settings(model_name, None),
             )
+    if "sparse_probing" in evals:
+        configs[SPARSE_PROBING_ID] = _eval_config(
+            SparseProbingEvalConfig,
+            "sparse_probing",
+            overrides["sparse_probing"],
+            model_name=model_name,
+            **_default_llm_settings(model_name, None),
+        )
+    # Offline, the local model reads the local text; with the Hub, SAEBench's own default text.
+    text = {"dataset": LOCAL_TEXT_ID} if is_local_model(model_name) else {}
+    for eval_name, eval_id, cls in (("core", CORE_ID, CoreSettings), ("saelens", SAELENS_ID, SaeLensSettings)):
+        if eval_name in evals:
+            llm_dtype = _default_llm_settings(model_name, None)["llm_dtype"]
+            configs[eval_id] = _eval_config(cls, eval_name, overrides[eval_name], model_name=model_name,
+                                            llm_dtype=llm_dtype, **text)  # fmt: skip
     for config in configs.values():
         config.random_seed += seed_offset
     return configs
@@ -760,7 +916,7 @@ def summary_rows(
         results = [
             {
                 eval_id: json.loads(path.read_text())
-                for eval_id in (ABSORPTION_ID, SCR_ID, TPP_ID)
+                for eval_id in EVAL_IDS
                 if (path := spec.result_path(run / eval_id)).exists()
             }
             for run in runs
@@ -777,10 +933,10 @@ def summary_rows(
             "decoder": spec.decoder,
             "metrics": {},
         }
-        for metric, (eval_id, category) in METRIC_SOURCES.items():
+        for metric, (eval_id, category, name) in METRIC_SOURCES.items():
             if metric not in wanted:
                 continue
-            values = [_number(r[eval_id]["eval_result_metrics"][category][metric]) for r in results if eval_id in r]
+            values = [_number(r[eval_id]["eval_result_metrics"][category][name]) for r in results if eval_id in r]
             mean, std = _mean_std([v for v in values if v is not None])
             row["metrics"][metric] = {
                 "eval_type_id": eval_id,
@@ -844,8 +1000,8 @@ def write_summary(
     lines = [
         f"# SAEBench results: {model_name}" + (f", {', '.join(hooks)}" if hooks else ""),
         "",
-        "L0 and FVE come from each checkpoint's training_summary.json; every other column is SAEBench's own "
-        "metric, from the JSON files beside this table"
+        "L0 and FVE come from each checkpoint's training_summary.json; every other column is an eval's own "
+        "metric (SAEBench's; saelens_*: SAE-Lens' run_evals), from the JSON files beside this table"
         + (
             f": the mean ± standard deviation over {seeds} seeds, each SAE evaluated alone from each seed."
             if seeds > 1
@@ -858,11 +1014,12 @@ def write_summary(
         lines += [f"\n{metric}: {label}" for label in labels]
     lines += [f"\nDecoder of {row['SAE']}: {row['decoder']}" for row in rows if row["decoder"] != UNIT_ROWS]
     lines += [f"\n{note}" for note in notes]
-    header = [*TABLE_COLUMNS[:5], *(f"{m}{_short_label(metric_labels.get(m, []))}" for m in METRIC_SOURCES)]
+    shown = [m for m in METRIC_SOURCES if m in metric_labels]
+    header = [*TABLE_COLUMNS[:5], *(f"{m}{_short_label(metric_labels[m])}" for m in shown)]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [_format(row.get(key)) for key in TABLE_COLUMNS[:5]]
-        cells += [_cell(row["metrics"].get(m)) for m in METRIC_SOURCES]
+        cells += [_cell(row["metrics"].get(m)) for m in shown]
         warning = " (decoder not unit norm!)" if row["decoder"].startswith("WARNING") else ""
         lines.append("| " + " | ".join(cells).replace(row["SAE"], row["SAE"] + warning, 1) + " |")
     md_path.write_text("\n".join(lines) + "\n")
@@ -924,7 +1081,7 @@ def copy_to_checkpoints(
         target = spec.checkpoint / "eval"
         shutil.rmtree(target, ignore_errors=True)
         for run in runs:
-            for eval_id in (ABSORPTION_ID, SCR_ID, TPP_ID):
+            for eval_id in EVAL_IDS:
                 if (path := spec.result_path(run / eval_id)).exists():
                     (target / run.name).mkdir(parents=True, exist_ok=True)
                     shutil.copy2(path, target / run.name / f"{eval_id}_eval_results.json")
@@ -944,7 +1101,9 @@ def main(argv: Sequence[str]) -> None:
         out = args.out.resolve()
         out.mkdir(parents=True, exist_ok=True)
         configs = eval_configs(evals, model_name, overrides)
-        models = {c.llm_dtype: build_model(model_name, saes, c.llm_dtype, args.device) for c in configs.values()}
+        logits = CORE_ID in configs or SAELENS_ID in configs
+        models = {c.llm_dtype: build_model(model_name, saes, c.llm_dtype, args.device, logits=logits)
+                  for c in configs.values()}  # fmt: skip
         runs = [out / f"seed-{offset}" for offset in range(args.seeds)]
         served: dict[str, str] = {}
         for offset, run in enumerate(runs):
@@ -964,7 +1123,7 @@ def main(argv: Sequence[str]) -> None:
     except EvalError as err:
         print(f"sae-lens eval: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    labels = eval_labels(evals, served, args.absorption_vocab_size, overrides)
+    labels = eval_labels(evals, served, args.absorption_vocab_size, overrides, configs)
     for run in runs:
         label_results(saes, run, labels)
     rows = summary_rows(saes, evals, runs, labels)

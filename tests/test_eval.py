@@ -24,8 +24,11 @@ from safetensors.torch import load_file, save_file
 
 from softsae_plugin.evaluate import (
     ABSORPTION_ID,
+    CORE_ID,
     NOTES_KEY,
+    SAELENS_ID,
     SCR_ID,
+    SPARSE_PROBING_ID,
     TABLE_COLUMNS,
     TPP_ID,
     EvalError,
@@ -284,10 +287,69 @@ def test_scr_and_tpp_on_pipeline_check_datasets(checkpoints, pipeline_check_data
     assert row["metrics"]["tpp_threshold_10_total_metric"]["labels"][0].startswith("pipeline check, not a benchmark")
 
 
+# Small settings for the core, saelens and sparse-probing evals: two batches of 4 prompts of 64 tokens, one
+# bias-in-bios class set with 200/100 probe examples.
+SMALL_MORE_EVALS = [
+    "--set", "core.n_eval_reconstruction_batches=2", "--set", "core.eval_batch_size_prompts=4",
+    "--set", "core.context_size=64",
+    "--set", "saelens.n_eval_reconstruction_batches=2", "--set", "saelens.batch_size_prompts=4",
+    "--set", "saelens.context_size=64",
+    "--set", "sparse_probing.dataset_names=[LabHC/bias_in_bios_class_set1]",
+    "--set", "sparse_probing.probe_train_set_size=200", "--set", "sparse_probing.probe_test_set_size=100",
+    "--set", "sparse_probing.context_length=64", "--set", "sparse_probing.k_values=[1,2]",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_core_saelens_and_sparse_probing_on_softsae_and_topk(checkpoints, pipeline_check_datasets, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(
+        "eval", "--evals", "core,saelens,sparse_probing", "--sae", str(checkpoints["softsae"]),
+        "--sae", str(checkpoints["topk"]), "--out", str(out), "--datasets-dir", str(pipeline_check_datasets),
+        *SMALL_MORE_EVALS, "--no-checkpoint-eval", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("softsae", "topk"):
+        core = metrics(result_file(out, name, eval_id=CORE_ID))
+        saelens = metrics(result_file(out, name, eval_id=SAELENS_ID))
+        # SAEBench's core eval and SAE-Lens' run_evals are two implementations reading the same shuffled text: where
+        # their definitions agree (the model's own loss, the encoding, per-batch variance and cosine), so do they.
+        # (Their explained_variance and spliced loss are defined differently: SAE-Lens pools the variance over
+        # batches and leaves special tokens out of the splice.)
+        shared = (
+            ("model_performance_preservation", "ce_loss_without_sae"),
+            ("model_performance_preservation", "ce_loss_with_ablation"),
+            ("reconstruction_quality", "explained_variance_legacy"),
+            ("reconstruction_quality", "cossim"),
+            ("sparsity", "l0"),
+            ("sparsity", "l1"),
+        )
+        for category, metric in shared:
+            assert core[category][metric] == pytest.approx(saelens[category][metric], rel=1e-5), (name, metric)
+        for source in (core, saelens):
+            assert math.isfinite(source["reconstruction_quality"]["explained_variance"]), name
+            assert math.isfinite(source["model_performance_preservation"]["ce_loss_score"]), name
+        # The evals encode with the SAE's own inference path: TopK keeps exactly k, SoftSAE about k on average.
+        training = json.loads((checkpoints[name] / "training_summary.json").read_text())
+        assert core["sparsity"]["l0"] == pytest.approx(training["k"], rel=0.3 if name == "softsae" else 1e-6), name
+        probing = json.loads(result_file(out, name, eval_id=SPARSE_PROBING_ID).read_text())
+        # The stand-in texts carry their labels in words: the model's probe and the SAE's best latent find them.
+        assert probing["eval_result_metrics"]["llm"]["llm_test_accuracy"] > 0.8, name
+        assert probing["eval_result_metrics"]["sae"]["sae_test_accuracy"] > 0.8, name
+        assert 0.5 < probing["eval_result_metrics"]["sae"]["sae_top_1_test_accuracy"] <= 1.0, name
+        assert any(note.startswith("pipeline check, not a benchmark") for note in probing[NOTES_KEY])
+        core_notes = json.loads(result_file(out, name, eval_id=CORE_ID).read_text())[NOTES_KEY]
+        assert any("local:english-wikipedia" in note for note in core_notes), core_notes
+    summary = (out / "summary.md").read_text()
+    for column in ("explained_variance", "ce_loss_score", "saelens_ce_loss_score", "sae_top_1_test_accuracy"):
+        assert column in summary, column
+        assert (out / f"{column}_vs_L0.png").exists(), column
+
+
 def test_help_names_each_eval():
     result = subprocess.run([SAE_LENS, "eval", "--help"], capture_output=True, text=True, timeout=120, env=ENV)
     assert result.returncode == 0
-    for name in ("absorption", "splitting", "scr", "tpp", "mean_num_split_features", "--datasets-dir"):
+    for name in ("absorption", "splitting", "scr", "tpp", "core", "sparse_probing", "saelens", "--datasets-dir"):
         assert name in result.stdout, name
 
 

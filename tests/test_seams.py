@@ -68,6 +68,14 @@ def _absorption_vocabulary_call_sites() -> bool:
     )
 
 
+def _core_settings() -> list[str]:
+    import dataclasses
+
+    from softsae_plugin.evaluate import CoreSettings
+
+    return [f.name for f in dataclasses.fields(CoreSettings)]
+
+
 SEAMS: dict[str, tuple[str, Callable[[], bool]]] = {
     "sae_lens.llm_sae_training_runner._parse_cfg_args(args)": (
         "sae-lens train parses the runner CLI with it",
@@ -115,11 +123,25 @@ SEAMS: dict[str, tuple[str, Callable[[], bool]]] = {
         "softsae_plugin_autoload replaces these module globals with lazy registries",
         _registries_are_module_dicts,
     ),
-    "HookedTransformer in SAEBench's absorption and scr_and_tpp main modules": (
+    "HookedTransformer in SAEBench's absorption, scr_and_tpp, core and sparse_probing main modules": (
         "serve_model patches that name while an eval runs",
+        lambda: all(
+            _has(f"sae_bench.evals.{name}.main", "HookedTransformer")
+            for name in ("absorption", "scr_and_tpp", "core", "sparse_probing")
+        ),
+    ),
+    "load_dataset in sae_lens.training.activations_store": (
+        "serve_text patches that name so that the core and saelens evals read the local text offline",
+        lambda: _has("sae_lens.training.activations_store", "load_dataset"),
+    ),
+    "multiple_evals(selected_saes, output_folder, ...) of SAEBench's core eval": (
+        "the core eval is called with CoreSettings' fields as keywords",
         lambda: (
-            _has("sae_bench.evals.absorption.main", "HookedTransformer")
-            and _has("sae_bench.evals.scr_and_tpp.main", "HookedTransformer")
+            (
+                {"selected_saes", "output_folder", "dtype", "device", "force_rerun"}
+                | {f for f in _core_settings() if f not in ("model_name", "random_seed", "llm_dtype")}
+            )
+            <= set(_params(_module("sae_bench.evals.core.main").multiple_evals))
         ),
     ),
     "load_dataset in SAEBench's scr_and_tpp.dataset_creation and sae_bench_utils.dataset_utils": (
@@ -148,6 +170,7 @@ SEAMS: dict[str, tuple[str, Callable[[], bool]]] = {
             _params(_module("sae_bench.evals.absorption.main").run_eval)[:5]
             == ["config", "selected_saes", "device", "output_path", "force_rerun"]
             and "artifacts_path" in _params(_module("sae_bench.evals.scr_and_tpp.main").run_eval)
+            and "artifacts_path" in _params(_module("sae_bench.evals.sparse_probing.main").run_eval)
         ),
     ),
     "load_or_train_probe in SAEBench's absorption common module": (
