@@ -700,6 +700,9 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
         # An inference checkpoint (fine-tuning from it) has no training flags: its b_dec is trained.
         state_dict.setdefault("b_dec_initialised", torch.ones((), dtype=torch.bool))
         state_dict.setdefault("k_head_frozen", torch.zeros((), dtype=torch.bool))
+        # SAE-Lens' disk loader casts every tensor to the config's dtype; these flags are booleans.
+        for name in TRAINING_BUFFERS:
+            state_dict[name] = state_dict[name].bool()
         _check_weights_to_load(self, state_dict)
         if bool(state_dict["k_head_frozen"]):
             for p in self._k_head_params():

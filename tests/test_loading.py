@@ -91,3 +91,29 @@ def test_sae_lens_names_an_unregistered_architecture(softsae_folder: Path, damag
     damage_sae(softsae_folder, "architecture adaptive_magic")
     with pytest.raises(KeyError, match=r"no inference class for architecture 'adaptive_magic'.*registered: \["):
         SAE.load_from_disk(softsae_folder)
+
+
+@pytest.mark.parametrize("hard_phase", [False, True])
+def test_a_training_checkpoint_loads_back_as_the_training_sae(tmp_path: Path, hard_phase: bool) -> None:
+    # SAE-Lens' disk loader casts every tensor to the SAE's dtype; the training flags must come back as booleans
+    # (a float k_head_frozen made every encode fail) and the loaded SAE must encode as the saved one did.
+    from sae_lens.saes.sae import TrainingSAE
+
+    from softsae_plugin import SoftTrainingSAE, SoftTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = SoftTrainingSAE(SoftTrainingSAEConfig(d_in=16, d_sae=64, k=4, total_training_steps=100))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    if hard_phase:
+        sae._freeze_k_head()
+        with torch.no_grad():
+            sae.b_dec.add_(1.0)  # the frozen k head keeps reading its snapshot, not the moved b_dec
+    sae.save_model(tmp_path / "checkpoint")
+    loaded = TrainingSAE.load_from_disk(tmp_path / "checkpoint")
+    assert loaded.k_head_frozen.dtype == torch.bool and bool(loaded.k_head_frozen) == hard_phase
+    x = torch.randn(8, 16)
+    sae.eval()
+    loaded.eval()
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+    assert torch.equal(loaded.predict_k(x), sae.predict_k(x))
