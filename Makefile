@@ -27,7 +27,9 @@ reproduce: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check softsae_plugin softsae_plugin_autoload.py hatch_build.py tests eval
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	# One worker per core, each test file in one worker (module fixtures train once), one torch thread per worker.
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n auto --dist loadfile \
+		--durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check softsae_plugin softsae_plugin_autoload.py hatch_build.py tests eval

@@ -389,6 +389,7 @@ def checkpoint(tmp_path_factory) -> Path:
     assert json.loads((checkpoint / GUARD_STATE_FILENAME).read_text()) == {
         "batches_drawn": 18,
         "nonfinite_rows_skipped": 0,
+        "world_size": 1,
     }
     return checkpoint
 
