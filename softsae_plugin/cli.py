@@ -45,7 +45,7 @@ from softsae_plugin.reliability import (
     continue_from_checkpoint,
     guard_trainer,
 )
-from softsae_plugin.summary import print_summary, summarise, write_summary
+from softsae_plugin.summary import print_summary, summarise_saved, write_summary
 from softsae_plugin.train import (
     fit_quietly_and_in_order,
     local_sources_quietly,
@@ -436,7 +436,8 @@ def run_llm_training(
         eval_batches = FiniteBatches(source, lambda: "the evaluation after training", skip_rows=skip_nonfinite_rows)
         # As many held-out tokens as a one-process run measures (each rank's batch is a share of the global one).
         n_eval = SUMMARY_BATCHES * distributed.world_size()
-        summary, k_hat = summarise(sae, islice(eval_batches, n_eval), runner.trainer, eval_data=eval_data)
+        summary, k_hat = summarise_saved(cfg.output_path, islice(eval_batches, n_eval), runner.trainer,
+                                         eval_data=eval_data)  # fmt: skip
     summary["training_tokens"] = cfg.training_tokens
     summary["nonfinite_rows_skipped"] = runner.guard.rows_skipped if runner.guard else 0
     write_summary(summary, k_hat, cfg.output_path)

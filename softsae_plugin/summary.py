@@ -79,10 +79,7 @@ def summarise(
     }
     if trainer is not None:
         summary.update(training_statistics(trainer))
-    if summary["k"]:
-        summary["l0_over_target"] = summary["mean_l0"] / float(summary["k"])
-        if "train_mean_l0" in summary:
-            summary["train_l0_over_target"] = summary["train_mean_l0"] / float(summary["k"])
+    _against_target(summary)
     if k_hats:
         k_hat = torch.cat(k_hats)
         q1, median, q3 = torch.quantile(k_hat, torch.tensor([0.25, 0.5, 0.75], dtype=k_hat.dtype)).tolist()
@@ -161,3 +158,26 @@ def print_summary(summary: dict[str, Any]) -> None:
         lines.append(f"dead latents {100 * summary['dead_fraction']:.2f}% (no firing in the dead-feature window)")
     lines += [f"WARNING: {warning}" for warning in summary.get("warnings", [])]
     print("\n".join(lines))
+
+
+def _against_target(summary: dict[str, Any]) -> None:
+    if summary["k"]:
+        summary["l0_over_target"] = summary["mean_l0"] / float(summary["k"])
+        if "train_mean_l0" in summary:
+            summary["train_l0_over_target"] = summary["train_mean_l0"] / float(summary["k"])
+
+
+def summarise_saved(
+    folder: str | Path, batches: Iterable[torch.Tensor], trainer: SAETrainer[Any, Any], *, eval_data: str
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """`summarise` the inference SAE saved in `folder` by `trainer`: the model users load, which for BatchTopK is
+    SAE-Lens' JumpReLU with its learned threshold, not the batch top-k it trained with. The summary keeps the
+    trained architecture and target k (`saved_as` names the saved architecture where it differs)."""
+    trained = trainer.sae.cfg
+    saved = SAE.load_from_disk(str(folder), device=str(trainer.sae.device))
+    summary, k_hat = summarise(saved, batches, trainer, eval_data=eval_data)
+    if saved.cfg.architecture() != trained.architecture():
+        summary.update(architecture=trained.architecture(), saved_as=saved.cfg.architecture())
+        summary["k"] = getattr(trained, "k", None)
+        _against_target(summary)
+    return summary, k_hat

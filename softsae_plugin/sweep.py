@@ -57,7 +57,7 @@ from softsae_plugin.reliability import (
     check_world_size,
     continue_from_checkpoint,
 )
-from softsae_plugin.summary import SUMMARY_FILENAME, summarise, write_summary
+from softsae_plugin.summary import SUMMARY_FILENAME, summarise_saved, write_summary
 from softsae_plugin.train import local_sources_quietly, with_run_length
 
 SWEEP_KEY = "saes"
@@ -422,9 +422,9 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
         batches = list(islice(stream, summary_batches * world_size()))
         per_hook = {hook: [b[hook] for b in batches] for hook in hooks}
         eval_data = f"held-out text: the {cfg.dataset_path} tokens that follow the training stream"
-    for name, sae in saes.items():
-        summary, k_hat = summarise(sae, per_hook[cfg.hook_names_per_sae[name]], runner.trainer.trainers[name],
-                                   eval_data=eval_data)  # fmt: skip
+    for name in saes:
+        summary, k_hat = summarise_saved(Path(cfg.output_path) / name, per_hook[cfg.hook_names_per_sae[name]],
+                                         runner.trainer.trainers[name], eval_data=eval_data)  # fmt: skip
         summary["training_tokens"] = cfg.training_tokens
         summary["nonfinite_rows_skipped"] = runner.guard.rows_skipped if runner.guard else 0
         write_summary(summary, k_hat, Path(cfg.output_path) / name)
@@ -434,11 +434,17 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
 
 
 def train_sweep_on_activations(
-    activations: torch.Tensor, sweep: Sweep, *, skip_nonfinite_rows: bool = False
+    activations: torch.Tensor,
+    sweep: Sweep,
+    *,
+    skip_nonfinite_rows: bool = False,
+    eval_activations: torch.Tensor | None = None,
+    eval_data: str = "held-out activations",
 ) -> dict[str, TrainingSAE[Any]]:
     """A sweep on a file of activation vectors: SAE-Lens' multi trainer (`PerSAETrainer`) fed the same batches for
     every SAE, each SAE seeded and checkpointed as its single run (`train_on_activations`) would be, so that it ends
-    with the same weights; then each SAE's folder (whole), summary (on a held-out 10% of the rows) and the table."""
+    with the same weights; then each SAE's folder (whole), summary and the table. The summaries are measured on
+    `eval_activations` (described by `eval_data`) or else on a random 10% of the rows, kept out of training."""
     from softsae_plugin.activations import batches, split_heldout
     from softsae_plugin.train import HELDOUT_FRACTION
 
@@ -447,9 +453,10 @@ def train_sweep_on_activations(
     cfg.device = local_device(cfg.device)
     if cfg.output_path is not None:
         check_replaceable(cfg.output_path)
-    eval_rows = None
-    if cfg.output_path is not None:
+    eval_rows = eval_activations
+    if cfg.output_path is not None and eval_rows is None:
         activations, eval_rows = split_heldout(activations, HELDOUT_FRACTION, seed=cfg.seed)
+        eval_data = "held out: a random 10% of the activation rows, never trained on"
     guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
     saes = _seeded_saes(cfg)
     stream = batches(activations, cfg.train_batch_size_tokens, seed=cfg.seed, start=guard_state.get("batches_drawn", 0))
@@ -474,10 +481,10 @@ def train_sweep_on_activations(
             check_finite(sae.state_dict(), f"refusing to save the trained SAE {name}")
             sae.save_inference_model(staged / name)
             save_file({"sparsity": trainer.trainers[name].log_feature_sparsity}, staged / name / SPARSITY_FILENAME)
-    eval_data = "held out: a random 10% of the activation rows, never trained on"
-    for name, sae in saes.items():
-        summary, k_hat = summarise(sae, eval_rows.split(cfg.train_batch_size_tokens), trainer.trainers[name],
-                                   eval_data=eval_data)  # fmt: skip
+    assert eval_rows is not None
+    for name in saes:
+        summary, k_hat = summarise_saved(Path(cfg.output_path) / name, eval_rows.split(cfg.train_batch_size_tokens),
+                                         trainer.trainers[name], eval_data=eval_data)  # fmt: skip
         summary["nonfinite_rows_skipped"] = guard.rows_skipped
         write_summary(summary, k_hat, Path(cfg.output_path) / name)
     print(write_sweep_table(cfg.output_path, list(saes)).read_text())

@@ -95,14 +95,22 @@ def tokenized_english_text(
     min_chars: int = 200,
     split: Split = "all",
 ) -> Dataset:
-    """Return `english_text` (of `split`) tokenized into rows of exactly `context_size` token ids ("input_ids").
-
-    Paragraphs are concatenated with the tokenizer's BOS token between them and, when `prepend_bos`, at the
-    start of every row, exactly as SAE-Lens' ActivationsStore does on the fly with its default
-    `sequence_separator_token="bos"`; the incomplete last row is dropped. Handing this to SAE-Lens as
-    `override_dataset` skips re-tokenizing every epoch, which matters because the corpus is small.
-    """
+    """Return `english_text` (of `split`) tokenized into rows of exactly `context_size` token ids ("input_ids"),
+    as `tokenize_rows` does. Handing this to SAE-Lens as `override_dataset` skips re-tokenizing every epoch, which
+    matters because the corpus is small."""
     texts = english_text(max_docs=max_docs, min_chars=min_chars, split=split)["text"]
+    return tokenize_rows(texts, tokenizer, context_size, prepend_bos=prepend_bos)
+
+
+def tokenize_rows(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, context_size: int, *, prepend_bos: bool = True
+) -> Dataset:
+    """Return `texts` tokenized into rows of exactly `context_size` token ids (one column, "input_ids").
+
+    Texts are concatenated with the tokenizer's BOS token between them and, when `prepend_bos`, at the start of
+    every row, exactly as SAE-Lens' ActivationsStore does on the fly with its default
+    `sequence_separator_token="bos"`; the incomplete last row is dropped.
+    """
     token_rows = (torch.tensor(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     bos = tokenizer.bos_token_id
     rows = concat_and_batch_sequences(

@@ -38,7 +38,7 @@ from softsae_plugin.reliability import (
     continue_from_checkpoint,
     guard_trainer,
 )
-from softsae_plugin.summary import print_summary, summarise, training_statistics, write_summary
+from softsae_plugin.summary import print_summary, summarise_saved, training_statistics, write_summary
 
 # The share of a matrix of activations held out for the summary when no `eval_activations` are given.
 HELDOUT_FRACTION = 0.1
@@ -256,7 +256,7 @@ def train_with_trainer_config(
         eval_source = islice(eval_source, max(1, SUMMARY_INPUTS // batch_size))
     eval_batches = FiniteBatches(eval_source, lambda: "the evaluation after training", skip_rows=skip_nonfinite_rows)
     try:
-        summary, k_hat = summarise(sae, eval_batches, trainer, eval_data=eval_data)
+        summary, k_hat = summarise_saved(output_path, eval_batches, trainer, eval_data=eval_data)
     except ValueError as err:  # a one-shot stream that ended with training: the SAE is saved, the summary is not
         summary, k_hat = {"eval_data": f"none ({err})", **training_statistics(trainer)}, None
         print(f"train_on_activations: saved the SAE to {output_path}, but measured no held-out data: {err}")

@@ -248,3 +248,26 @@ def test_the_activations_path_honours_every_trainer_option_of_the_runner(tmp_pat
         weights[name] = SAE.load_from_disk(tmp_path / name).W_enc.detach()
     assert not torch.equal(weights["default"], weights["beta1"])
     assert not torch.equal(weights["default"], weights["cosine"])
+
+
+def test_the_summary_describes_the_saved_model_not_the_training_one(tmp_path):
+    # SAE-Lens saves a BatchTopK SAE as a JumpReLU with a learned threshold: its L0 varies per input, while the
+    # batch top-k it trained with keeps exactly k per input on average. The summary is of the saved model.
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
+
+    from softsae_plugin.summary import summarise
+
+    x, _ = synthetic_activations()
+    cfg = BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=128, k=6)
+    train_on_activations(x, cfg, batch_size=256, training_steps=60, lr=3e-3, seed=0, progress=False,
+                         output_path=tmp_path / "batchtopk", dead_feature_window=20)  # fmt: skip
+    summary = json.loads((tmp_path / "batchtopk" / SUMMARY_FILENAME).read_text())
+    saved = SAE.load_from_disk(tmp_path / "batchtopk")
+    assert saved.cfg.architecture() == "jumprelu"
+    assert summary["architecture"] == "batchtopk" and summary["saved_as"] == "jumprelu" and summary["k"] == 6
+    heldout = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: round(0.1 * len(x))]]
+    direct = summarise(saved, [heldout])[0]
+    assert summary["mean_l0"] == pytest.approx(direct["mean_l0"], rel=1e-6)
+    assert summary["fve"] == pytest.approx(direct["fve"], rel=1e-6)
+    assert summary["mean_l0"] != 6  # a JumpReLU's L0 is its own, not the batch top-k's exact k
+    assert summary["l0_over_target"] == pytest.approx(summary["mean_l0"] / 6)
