@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart reproduce test lint clean
+.PHONY: setup quickstart reproduce study test lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ quickstart: $(STAMP)
 # Issue 6: every section of the paper's claims offline on real data -> eval/REPORT.md, eval/report/*.png (~1 h).
 reproduce: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python eval/reproduce.py --out eval/report
+
+# Issue 14: SoftSAE against TopK, BatchTopK and Matryoshka at convergence -> eval/STUDY.md, eval/study/*.png (~3 h;
+# finished stages are kept under runs/study-full/work and skipped when it is run again).
+study: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python eval/study.py
 
 test: $(STAMP)
 	$(BIN)/ruff check softsae_plugin softsae_plugin_autoload.py hatch_build.py tests eval
