@@ -1032,7 +1032,7 @@ def goal_rows(steps: list[dict[str, Any]], topk_rows: list[dict[str, Any]]) -> l
         if not sub:
             continue
         where = f"{sub['topk']['d_in']}/{sub['topk']['d_sae']}, batch {sub['topk']['batch']}"
-        checks = [(f"soft_{p}_{head}", f"soft phase ({p}), {label} / TopK", f"soft_{head}")
+        checks = [(f"{p}_{head}", f"soft phase ({p}), {label} / TopK", f"soft_{head}")
                   for head, label in (("paper", "paper head"), ("cheap", f"head {CHEAP_HEAD}"))
                   for p in ("start", "mid", "final")]  # fmt: skip
         checks += [("hard_paper", "hard phase, paper head / TopK", "gemma_hard" if shape == "gemma" else "hard_paper"),
@@ -1049,7 +1049,7 @@ def goal_rows(steps: list[dict[str, Any]], topk_rows: list[dict[str, Any]]) -> l
                 spread = f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}" if "ratio_q1" in r else ""
                 out.append([f"{what} ({where})", r["ratio_vs_topk"], spread, r.get("floor_ratio_vs_topk", ""),
                             GOALS[goal], _status(r["ratio_vs_topk"], GOALS[goal])])  # fmt: skip
-        soft = [r for k, r in sub.items() if k.startswith(("soft_", "hard_")) and "floor80" not in k]
+        soft = [r for r in sub.values() if r["model"].startswith("softsae") and r["phase"] in SOFTSAE_PHASES]
         if soft:
             worst = max(soft, key=lambda r: r["peak_ratio_vs_topk"])
             out.append([f"peak memory / TopK, worst softsae case {worst['key']} ({where})",
@@ -1221,6 +1221,30 @@ def write_summary(results: dict[str, Any], info: dict[str, Any], out_dir: Path) 
 SECTIONS = ("steps", "soft_topk", "smollm2", "throughput")
 
 
+def _csv_value(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def read_results(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The results and machine record of an earlier run, read back from its CSV and JSON files in `out_dir`."""
+    results: dict[str, Any] = {}
+    for name in ("steps", "soft_topk", "quality", "fallback", "throughput"):
+        path = out_dir / f"{PREFIX}_{name}.csv"
+        if path.exists():
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            # The steps section mixes kinds of rows (training steps, inference, the short run), each with its own
+            # fields; an empty cell there is a field the row never had.
+            results[name] = [{k: _csv_value(v) for k, v in row.items() if v != "" or name != "steps"} for row in rows]
+    return results, json.loads((out_dir / f"{PREFIX}_machine.json").read_text())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark's sections and write CSV, PNG and the Markdown summary under eval/results/."""
     import argparse
@@ -1247,7 +1271,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="intra-op CPU threads (torch.set_num_threads; OMP_NUM_THREADS for the sae-lens subprocesses); on a "
         "machine with more runnable jobs than cores, 1 avoids OpenMP barrier stalls that penalise small ops",
     )
+    parser.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="measure nothing: rewrite the Markdown summary from the CSV files of the run already in --out",
+    )
     args = parser.parse_args(argv)
+    if args.summary_only:
+        print(write_summary(*read_results(args.out), args.out))
+        return
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
