@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,9 @@ def summarise_saved(
     SAE-Lens' JumpReLU with its learned threshold, not the batch top-k it trained with. The summary keeps the
     trained architecture and target k (`saved_as` names the saved architecture where it differs)."""
     trained = trainer.sae.cfg
-    saved = SAE.load_from_disk(str(folder), device=str(trainer.sae.device))
+    with warnings.catch_warnings():  # its advice on loading the language model concerns users, not this summary
+        warnings.filterwarnings("ignore", message=".*non-empty model_from_pretrained_kwargs")
+        saved = SAE.load_from_disk(str(folder), device=str(trainer.sae.device))
     summary, k_hat = summarise(saved, batches, trainer, eval_data=eval_data)
     if saved.cfg.architecture() != trained.architecture():
         summary.update(architecture=trained.architecture(), saved_as=saved.cfg.architecture())

@@ -153,7 +153,7 @@ def test_sae_lens_train_on_smollm2(tmp_path, architecture):
     assert summary["eval_data"].startswith("held-out text: every 10th paragraph")
     # A clean first run: no SAE-Lens warning that does not apply to the local sources, and the norm estimate's bar
     # finishes before the training bar starts instead of nesting inside it.
-    for noise in ("fewer samples", "will override", "copy construct from a tensor"):
+    for noise in ("fewer samples", "will override", "copy construct from a tensor", "model_from_pretrained_kwargs"):
         assert noise not in result.stderr, noise
     assert "tokens of training text" in result.stdout
     if architecture == "softsae":  # (SAE-Lens' TopK does not normalise by default: no estimate)
