@@ -372,3 +372,31 @@ def test_the_hard_phase_and_inference_decode_alike_sparse_or_dense(tmp_path, spa
     loaded = SAE.load_from_disk(tmp_path)
     assert loaded.cfg.sparse_decode is sparse_decode
     torch.testing.assert_close(loaded(x), twin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_training_pass_and_calculate_aux_loss_give_the_auxk_loss_of_its_formula():
+    """One AuxK path: the loss the training pass adds equals SAE-Lens' entry point `calculate_aux_loss` on the same
+    tensors and a float64 computation of the formula (top-k_aux of the dead latents' pre-activations decode the
+    residual; normalised MSE x d_in x coefficient x min(dead / k_aux, 1))."""
+    sae = make_sae(k_aux=5, aux_loss_coefficient=0.25)
+    x = torch.randn(32, D_IN)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::4] = True  # 16 dead latents, more than k_aux
+    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=10, is_logging_step=False)
+    out = sae.training_forward_pass(step)
+    trained = out.losses["auxiliary_reconstruction_loss"]
+    direct = sae.calculate_aux_loss(step, out.feature_acts, out.hidden_pre, out.sae_out)[
+        "auxiliary_reconstruction_loss"
+    ]
+
+    pre = out.hidden_pre.detach().double().masked_fill(~dead, -torch.inf)
+    top = pre.topk(5, dim=-1)
+    aux_acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    residual = x.double() - out.sae_out.detach().double()
+    nmse = ((aux_acts @ sae.W_dec.detach().double() - residual) ** 2).sum(-1).mean() / (
+        (residual - residual.mean(0)) ** 2
+    ).sum(-1).mean()
+    expected = D_IN * 0.25 * min(16 / 5, 1.0) * nmse
+    assert float(trained.detach()) > 0
+    torch.testing.assert_close(direct, trained)
+    torch.testing.assert_close(trained.double(), expected, rtol=1e-5, atol=0)

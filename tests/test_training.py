@@ -271,3 +271,25 @@ def test_the_summary_describes_the_saved_model_not_the_training_one(tmp_path):
     assert summary["fve"] == pytest.approx(direct["fve"], rel=1e-6)
     assert summary["mean_l0"] != 6  # a JumpReLU's L0 is its own, not the batch top-k's exact k
     assert summary["l0_over_target"] == pytest.approx(summary["mean_l0"] / 6)
+
+
+def test_dead_fraction_is_sae_lens_dead_latent_state_not_the_last_window(tmp_path):
+    """`dead_fraction` is the share of latents SAE-Lens' trainer counts as dead at the end of training (no firing for
+    more than dead_feature_window steps), even where the last feature-sampling window saw every latent fire."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from softsae_plugin import SoftTrainingSAE
+    from softsae_plugin.summary import training_statistics
+
+    sae = SoftTrainingSAE(SoftTrainingSAEConfig(d_in=8, d_sae=40, k=2, total_training_steps=100))
+    cfg = SAETrainerConfig(total_training_samples=1000, train_batch_size_samples=10, lr=1e-3, lr_end=1e-3,
+                           dead_feature_window=50, feature_sampling_window=5,
+                           logger=LoggingConfig(log_to_wandb=False))  # fmt: skip
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+    trainer.n_forward_passes_since_fired[:10] = 51  # 10 of 40 latents silent for longer than the window
+    trainer.act_freq_scores[:] = 3.0  # yet every latent fired in the last sampling window
+    trainer.n_frac_active_samples = 10
+    stats = training_statistics(trainer)
+    assert stats["dead_fraction"] == 0.25
+    assert stats["train_mean_l0"] == pytest.approx(40 * 0.3)
