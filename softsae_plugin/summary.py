@@ -176,7 +176,7 @@ def summarise_saved(
     trained architecture and target k (`saved_as` names the saved architecture where it differs)."""
     trained = trainer.sae.cfg
     with warnings.catch_warnings():  # its advice on loading the language model concerns users, not this summary
-        warnings.filterwarnings("ignore", message=".*non-empty model_from_pretrained_kwargs")
+        warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs")
         saved = SAE.load_from_disk(str(folder), device=str(trainer.sae.device))
     summary, k_hat = summarise(saved, batches, trainer, eval_data=eval_data)
     if saved.cfg.architecture() != trained.architecture():
