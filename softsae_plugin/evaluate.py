@@ -73,6 +73,9 @@ EVALS = {
 ABSORPTION_ID, SCR_ID, TPP_ID = "absorption_first_letter", "scr", "tpp"
 CORE_ID, SPARSE_PROBING_ID, SAELENS_ID = "core", "sparse_probing", "saelens"
 EVAL_IDS = (ABSORPTION_ID, SCR_ID, TPP_ID, CORE_ID, SPARSE_PROBING_ID, SAELENS_ID)
+# The --set / --eval-config section of each eval's settings, and the eval type id whose config it sets.
+SECTION_EVAL_IDS = {"absorption": ABSORPTION_ID, "scr": SCR_ID, "tpp": TPP_ID, "core": CORE_ID,
+                    "sparse_probing": SPARSE_PROBING_ID, "saelens": SAELENS_ID}  # fmt: skip
 # Each table column's source in the result JSON: eval type id, metric category, metric name.
 METRIC_SOURCES = {
     "mean_absorption_fraction_score": (ABSORPTION_ID, "mean", "mean_absorption_fraction_score"),
@@ -279,8 +282,7 @@ def _parse_evals(text: str) -> list[str]:
 
 
 def _override_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    sections: dict[str, dict[str, Any]] = {name: {} for name in ("absorption", "scr", "tpp", "core",
-                                                                 "sparse_probing", "saelens")}  # fmt: skip
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTION_EVAL_IDS}
     raw: list[tuple[str, str, Any]] = []
     for path in args.eval_config:
         data = yaml.safe_load(path.read_text()) or {}
@@ -685,9 +687,7 @@ def eval_labels(
             labels[eval_id].append(
                 f"measured on {LOCAL_TEXT_ID} (held-out paragraphs of gensim's Wikipedia sample), not {DEFAULT_TEXT}"
             )
-    sections = {"absorption": ABSORPTION_ID, "scr": SCR_ID, "tpp": TPP_ID, "core": CORE_ID,
-                "sparse_probing": SPARSE_PROBING_ID, "saelens": SAELENS_ID}  # fmt: skip
-    for section, eval_id in sections.items():
+    for section, eval_id in SECTION_EVAL_IDS.items():
         if eval_id not in configs:
             continue
         # The values as the eval's config holds them (parsed), not as typed on the command line.
