@@ -68,3 +68,45 @@ def test_the_full_study_is_at_the_issues_scale():
     full = study.SCALES["full"]
     assert full.training_tokens >= 2_000_000 and full.d_sae == 2304 and full.ks == (16, 32, 64)
     assert full.layer == 6 and len(full.seeds) >= 2 and full.sweep_k == 32 and full.absorption_vocab_size is None
+
+
+def test_a_finished_stage_is_read_back_unless_its_inputs_changed(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    with study.tqdm(total=4, disable=True) as bar:
+        first = study.stage(tmp_path, "lr", bar, compute, {"lrs": (1e-3, 3e-3)})
+        again = study.stage(tmp_path, "lr", bar, compute, {"lrs": (1e-3, 3e-3)})
+        assert (first["value"], again["value"], len(calls)) == (1, 1, 1)
+        changed = study.stage(tmp_path, "lr", bar, compute, {"lrs": (1e-3, 3e-3, 1e-2)})
+    assert changed["value"] == 2 and changed["lrs"] == [1e-3, 3e-3, 1e-2]
+    assert study.json.loads((tmp_path / "lr.json").read_text())["value"] == 2
+    assert not list(tmp_path.glob("*.tmp"))  # saved atomically
+
+
+def test_the_tiny_study_runs_every_stage_writes_its_report_and_skips_finished_stages_when_run_again(tmp_path):
+    work, report = tmp_path / "work", tmp_path / "STUDY.md"
+    args = ["--scale", "tiny", "--work", str(work), "--report", str(report), "--threads", "1"]
+    study.main(args)
+    text = report.read_text()
+    for heading in ("## Learning rates", "## Convergence", "## FVE, L0 and loss recovered", "## SAEBench absorption",
+                    "## What this says about the paper's claims"):  # fmt: skip
+        assert heading in text
+    assert {p.name for p in (tmp_path / "study").glob("*.png")} == {
+        "frontier.png", "training_curves.png", "k_hat.png", "absorption_vs_l0.png"
+    }  # fmt: skip
+    curves = study.json.loads((work / "curves.json").read_text())["runs"]
+    scale = study.SCALES["tiny"]
+    assert len(curves) == len(study.ARCHITECTURES) * (len(scale.ks) + len(scale.seeds) - 1)
+    for run in curves.values():  # the checkpoints in token order, ending at the run's length
+        tokens = [p["tokens"] for p in run["points"]]
+        assert tokens == sorted(tokens) and tokens[-1] == scale.training_tokens and len(tokens) > 2
+    absorbed = study.json.loads((work / "absorption.json").read_text())["rows"]
+    assert len(absorbed) == len(study.ARCHITECTURES) * len(scale.seeds)
+    saved = {p.name: p.stat().st_mtime_ns for p in work.glob("*.json") if p.name != "scale.json"}
+    study.main(args)  # every stage finished: read back, none run again
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.json") if p.name != "scale.json"} == saved
+    assert report.read_text() == text
