@@ -513,12 +513,25 @@ def run(scale_name: str, work: Path, report: Path, plots: Path) -> dict[str, Any
         "measures": measured,
         "absorption": absorbed,
         "seconds_this_call": time.perf_counter() - start,
-        "stage_seconds": {
-            p.stem: json.loads(p.read_text())["seconds"] for p in work.glob("*.json") if p.stem not in ("scale",)
-        },
+        **stage_seconds(work),
     }
     write_report(results, report, plots)
     return results
+
+
+def stage_seconds(work: Path) -> dict[str, Any]:
+    """Each finished stage's wall time, and the stages that resumed from a checkpoint: their time counts only the
+    last call, so it is scaled to the whole run by the share of its tokens that call trained (an estimate)."""
+    seconds, resumed = {}, []
+    for path in sorted(work.glob("*.json")):
+        result = json.loads(path.read_text())
+        if path.stem == "scale" or not result.get("seconds"):
+            continue
+        seconds[path.stem] = result["seconds"]
+        if result.get("resumed_from"):
+            seconds[path.stem] *= result["tokens"] / (result["tokens"] - int(result["resumed_from"]))
+            resumed.append(path.stem)
+    return {"stage_seconds": seconds, "stages_resumed": resumed}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -620,7 +633,7 @@ def write_report(results: dict[str, Any], report: Path, plots: Path) -> None:
         files["k_hat"],
     )
     plot_absorption(absorb, files["absorption"])
-    total = sum(s for s in results["stage_seconds"].values() if s)
+    total = sum(results["stage_seconds"].values())
     L = [
         f"# SoftSAE against SAE-Lens' baselines at a scale where they converge (`eval/study.py --scale "
         f"{results['scale_name']}`)",
@@ -636,8 +649,16 @@ def write_report(results: dict[str, Any], report: Path, plots: Path) -> None:
         "tokens left out as in training. Trained with SAE-Lens' multi trainer through `softsae_plugin.sweep` (one "
         "sweep per k, the same batches for every SAE). Wall time of all stages: "
         f"{total / 3600:.2f} h on this machine ("
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(results["stage_seconds"].items()) if v)
-        + ").",
+        + ", ".join(
+            f"{k} {v / 60:.1f} min{'*' if k in results['stages_resumed'] else ''}"
+            for k, v in results["stage_seconds"].items()
+        )
+        + ")"
+        + (
+            "; * resumed from a checkpoint, its time scaled from the part run last to the whole run."
+            if results["stages_resumed"]
+            else "."
+        ),
         "",
     ]
     L += [f"## Learning rates (sweep at k = {scale['sweep_k']}, {scale['sweep_tokens']:,} tokens)", ""]

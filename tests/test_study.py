@@ -110,3 +110,13 @@ def test_the_tiny_study_runs_every_stage_writes_its_report_and_skips_finished_st
     study.main(args)  # every stage finished: read back, none run again
     assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.json") if p.name != "scale.json"} == saved
     assert report.read_text() == text
+
+
+def test_a_resumed_stage_counts_its_whole_run_from_the_share_its_last_call_trained(tmp_path):
+    (tmp_path / "scale.json").write_text('{"ks": [16]}')
+    (tmp_path / "cache.json").write_text('{"seconds": 60.0}')
+    (tmp_path / "k16-s42.json").write_text('{"seconds": 300.0, "tokens": 2000, "resumed_from": "500"}')
+    (tmp_path / "k32-s42.json").write_text('{"seconds": 400.0, "tokens": 2000, "resumed_from": null}')
+    timed = study.stage_seconds(tmp_path)
+    assert timed["stage_seconds"] == {"cache": 60.0, "k16-s42": 400.0, "k32-s42": 400.0}
+    assert timed["stages_resumed"] == ["k16-s42"]
