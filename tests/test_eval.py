@@ -37,6 +37,7 @@ from softsae_plugin.evaluate import (
     prepare_decoder,
     probe_vocabulary,
     serve_datasets,
+    stop_after_hook_layer,
 )
 from softsae_plugin.smollm2 import SMOLLM2_ID
 
@@ -469,3 +470,17 @@ def test_saebench_reads_softsae_hook_and_layer_from_metadata():
     assert formatted.cfg.hook_layer == 2 and formatted.cfg.hook_name == HOOK
     x = torch.randn(3, 5, 16)
     assert formatted.to(dtype=torch.bfloat16).encode(x.bfloat16()).shape == (3, 5, 64)
+
+
+def test_absorption_reads_the_same_activations_from_a_model_stopped_after_the_hook_block():
+    from softsae_plugin.smollm2 import load_smollm2
+
+    model = load_smollm2(first_n_layers=5)
+    sae = TopKSAE(TopKSAEConfig(d_in=576, d_sae=600, k=4, metadata=SAEMetadata(hook_name=HOOK)))
+    prompts = ["apple has the first letter: A", "zebra has the first letter:"]
+    logits, full = model.run_with_cache(prompts, names_filter=[HOOK])
+    with stop_after_hook_layer(model, [SAESpec(name="tiny", sae=sae)]):
+        stopped, cut = model.run_with_cache(prompts, names_filter=[HOOK])
+    assert torch.equal(cut[HOOK], full[HOOK])
+    assert logits.shape[-1] == model.cfg.d_vocab and stopped.shape[-1] == model.cfg.d_model  # it stopped early
+    assert model.run_with_cache(prompts, names_filter=[HOOK])[0].shape[-1] == model.cfg.d_vocab  # and is restored
