@@ -80,6 +80,10 @@ class StudyScale:
     absorption_settings: tuple[str, ...] = ()  # `sae-lens eval --set` overrides of SAEBench's absorption config
     context_size: int = 128
     train_rows: int | None = None  # None: every training row of the text; else its first rows (a multiple of 128)
+    # The learning rate is constant after its warm-up, and SoftSAE's hard phase covers the last fifth of the run,
+    # so that the last 10% of every run, where convergence is judged, is at a steady rate in a steady phase.
+    lr_decay_fraction: float = 0.0
+    softsae_hard_fraction: float = 0.2
 
     @property
     def seed(self) -> int:  # the data and model seed of the first seed's runs (reproduce's helpers read it)
@@ -232,7 +236,8 @@ def train_stage(
     steps = tokens // scale.batch
     options: dict[str, dict[str, Any]] = {}
     for sae_name, (arch, k, lr) in saes.items():
-        cfg = sae_config(arch, data["d_in"], scale.d_sae, k, **({"k_max": 3 * k} if arch == "softsae" else {}))
+        own = {"k_max": 3 * k, "hard_topk_steps": round(scale.softsae_hard_fraction * steps)}
+        cfg = sae_config(arch, data["d_in"], scale.d_sae, k, **(own if arch == "softsae" else {}))
         options[sae_name] = {"architecture": arch, **_fields(cfg), "metadata": metadata, "lr": lr}
     out, checkpoint_path = work / name, work / f"{name}-checkpoints"
     shared = {
@@ -241,7 +246,7 @@ def train_stage(
         "training_tokens": steps * scale.batch,
         "train_batch_size_tokens": scale.batch,
         "lr_warm_up_steps": steps // 20,
-        "lr_decay_steps": steps // 5,
+        "lr_decay_steps": round(scale.lr_decay_fraction * steps),
         "dead_feature_window": scale.dead_window_steps,
         "feature_sampling_window": scale.dead_window_steps,
         "n_batches_for_norm_estimate": 20,
@@ -281,10 +286,15 @@ def pick_lr(fve: dict[float, float]) -> float:
 
 
 def stage_inputs(saes: dict[str, tuple[str, int, float]], tokens: int, scale: StudyScale) -> dict[str, Any]:
-    """What a training stage's result depends on: each SAE's architecture, k and learning rate, and the tokens."""
+    """What a training stage's result depends on: each SAE's architecture, k and learning rate, the tokens and the
+    schedule."""
     return {
         "saes": {n: {"arch": a, "k": k, "lr": lr} for n, (a, k, lr) in saes.items()},
         "tokens": tokens // scale.batch * scale.batch,
+        "schedule": {
+            "lr_decay_fraction": scale.lr_decay_fraction,
+            "softsae_hard_fraction": scale.softsae_hard_fraction,
+        },
     }
 
 
@@ -658,7 +668,14 @@ def write_report(results: dict[str, Any], report: Path, plots: Path) -> None:
         "passes over the cached tokens); every FVE and L0 on "
         f"{results['cache']['heldout']:,} held-out tokens (every 10th paragraph/article, never trained on), special "
         "tokens left out as in training. Trained with SAE-Lens' multi trainer through `softsae_plugin.sweep` (one "
-        "sweep per k, the same batches for every SAE). Wall time of all stages: "
+        "sweep per k, the same batches for every SAE); the learning rate warms up over the first 5% of the steps "
+        + (
+            "and stays constant after"
+            if not scale["lr_decay_fraction"]
+            else f"and decays over the last {scale['lr_decay_fraction']:.0%}"
+        )
+        + f", and SoftSAE's hard phase is the last {scale['softsae_hard_fraction']:.0%} of the steps, so the last 10% "
+        "of every run, where convergence is judged, is at a steady rate in a steady phase. Wall time of all stages: "
         f"{total / 3600:.2f} h on this machine ("
         + ", ".join(
             f"{k} {v / 60:.1f} min{'*' if k in results['stages_resumed'] else ''}"
