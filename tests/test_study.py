@@ -120,15 +120,3 @@ def test_a_resumed_stage_counts_its_whole_run_from_the_share_its_last_call_train
     timed = study.stage_seconds(tmp_path)
     assert timed["stage_seconds"] == {"cache": 60.0, "k16-s42": 400.0, "k32-s42": 400.0}
     assert timed["stages_resumed"] == ["k16-s42"]
-
-
-@pytest.mark.parametrize(
-    ("fve", "picked"),
-    [
-        ({3e-4: 0.59, 1e-3: 0.79, 3e-3: 0.8655, 1e-2: 0.8709}, 3e-3),  # a narrow win of the fastest rate: not taken
-        ({3e-4: 0.84, 1e-3: 0.8835, 3e-3: 0.8973, 1e-2: 0.8892}, 3e-3),
-        ({3e-4: 0.50, 1e-3: 0.60, 3e-3: 0.70, 1e-2: 0.85}, 1e-2),
-    ],
-)
-def test_the_learning_rate_is_the_slowest_within_the_tolerance_of_the_best(fve, picked):
-    assert study.pick_lr(fve) == picked
