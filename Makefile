@@ -25,7 +25,7 @@ quickstart: $(STAMP)
 reproduce: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python eval/reproduce.py --out eval/report
 
-# Issue 14: SoftSAE against TopK, BatchTopK and Matryoshka at convergence -> eval/STUDY.md, eval/study/*.png (~2.5 h;
+# Issue 14: SoftSAE against TopK, BatchTopK and Matryoshka at convergence -> eval/STUDY.md, eval/study/*.png (2.3 h;
 # finished stages are kept under runs/study-full and skipped when it is run again).
 study: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python eval/study.py

@@ -64,6 +64,44 @@ def test_absorption_rows_map_each_eval_name_to_its_own_run():
     }
 
 
+def test_seed_spread_reads_only_converged_runs():
+    # Seed 43 of SoftSAE did not converge: its FVE gap to seed 42 is distance from convergence, not seed noise.
+    fve = {("softsae", 42): 0.92, ("softsae", 43): 0.90, ("topk", 42): 0.90, ("topk", 43): 0.901}
+    runs = {f"{a}-{s}": {"arch": a, "k": 32, "seed": s, "summary": {"fve": v}} for (a, s), v in fve.items()}
+    ok = {(a, 32, s): (a, s) != ("softsae", 43) for a in study.ARCHITECTURES for s in (42, 43)}
+    spread = study.seed_spread({"scale": {"sweep_k": 32}, "measures": {"runs": runs}}, ok)
+    assert math.isnan(spread["softsae"]) and spread["topk"] == pytest.approx(0.001)
+    absorb = {key: {"absorption": v} for key, v in fve.items()}
+    assert study.absorption_spread(absorb, ok, 32) == {"topk": pytest.approx(0.001)}
+
+
+def test_the_full_vocabulary_check_is_read_by_architecture_and_seed_and_set_beside_the_reduced_numbers(tmp_path):
+    (tmp_path / "summary.csv").write_text(
+        "SAE,architecture,mean_absorption_fraction_score,mean_num_split_features\n"
+        "softsae-k32-s42,softsae,0.25,1.5\n"
+        "batchtopk-k32-s42,batchtopk,0.5,\n"  # a metric SAEBench could not compute stays visible as n/a
+    )
+    full = study.full_vocab_rows(tmp_path)
+    assert full[("softsae", 42)] == {"absorption": 0.25, "splitting": 1.5}
+    assert math.isnan(full[("batchtopk", 42)]["splitting"])
+    lines = study.full_vocab_section(full, {("softsae", 42): {"absorption": 0.75, "splitting": 2.0}}, 3000, "here")
+    assert "| SoftSAE | 42 | 0.2500 / 0.7500 | 1.50 / 2.00 |" in lines
+    assert "| BatchTopK | 42 | 0.5000 / n/a | n/a / n/a |" in lines
+    assert study.full_vocab_rows(tmp_path / "absent") == {}
+
+
+def test_the_absorption_claim_compares_converged_seeds_against_the_spread_of_converged_pairs():
+    rows = {("softsae", 42): {"absorption": 0.12}, ("softsae", 43): {"absorption": 0.5},
+            ("topk", 42): {"absorption": 0.08}, ("topk", 43): {"absorption": 0.09}}  # fmt: skip
+    ok = {(a, 32, s): (a, s) != ("softsae", 43) for a in study.ARCHITECTURES for s in (42, 43)}
+    line = study.absorption_claim(rows, ok, 32, [42], "full")
+    assert "SoftSAE 0.1200, TopK 0.0800" in line and "up to 0.0100, measured on TopK" in line
+    assert line.endswith("**missed**.")  # 0.04 apart: beyond the spread
+    rows[("softsae", 42)] = {"absorption": 0.085}
+    assert study.absorption_claim(rows, ok, 32, [42], "full").endswith("**missed**, within seed noise.")
+    assert "not compared" in study.absorption_claim(rows, ok, 32, [], "full")
+
+
 def test_the_full_study_is_at_the_issues_scale():
     full = study.SCALES["full"]
     assert full.training_tokens >= 2_000_000 and full.d_sae == 2304 and full.ks == (16, 32, 64)
