@@ -16,7 +16,7 @@ finishes and skipped when run again (a stage cut short resumes from its last che
             adaptivity for SoftSAE
   absorption  SAEBench's absorption and splitting through `sae-lens eval` at k = 32, both seeds; the first-letter
             probe trains on 3,000 of the vocabulary's alphabetic tokens (the full vocabulary's 47,078 would take
-            the study past its 2.5 h; eval/results/study-absorption-full-vocab checks SoftSAE and TopK on it)
+            the study past its 2.5 h; eval/results/study-absorption-full-vocab holds the seed 42 SAEs on it)
 Stages remember their inputs: a changed learning-rate grid or pick reruns the stages it feeds.
 A run counts as converged when its dead fraction is below 5% and its held-out FVE moved by less than 0.002 over the
 last 10% of its tokens; only converged runs are compared.
