@@ -822,8 +822,9 @@ def write_report(results: dict[str, Any], report: Path, plots: Path) -> None:
         f"Command: `sae-lens {results['absorption']['command']}`",
         "",
     ]
-    full = {} if scale["full_vocab_check"] is None else full_vocab_rows(REPO / scale["full_vocab_check"])
+    full = {}
     if scale["full_vocab_check"] is not None:
+        full = full_vocab_rows(REPO / scale["full_vocab_check"])
         folder = rel(REPO / scale["full_vocab_check"])
         L += full_vocab_section(full, absorb, scale["absorption_vocab_size"], f"[{folder}]({folder})")
     L += ["## What this says about the paper's claims", "", *claims(results, gaps, spread, absorb, ok, full)]
@@ -885,23 +886,28 @@ def seed_spread(results: dict[str, Any], ok: dict[tuple[str, int, int], bool]) -
     """Per architecture, the largest |FVE difference| between its converged seeds at k = sweep_k (nan with fewer
     than two: a run that had not converged would measure its distance from convergence, not seed noise)."""
     k = results["scale"]["sweep_k"]
-    runs = [r for r in results["measures"]["runs"].values() if r["k"] == k and ok[(r["arch"], k, r["seed"])]]
-    spread = {}
-    for arch in ARCHITECTURES:
-        fves = [r["summary"]["fve"] for r in runs if r["arch"] == arch]
-        spread[arch] = max(fves) - min(fves) if len(fves) > 1 else math.nan
-    return spread
+    fve = {(r["arch"], r["seed"]): r["summary"]["fve"] for r in results["measures"]["runs"].values() if r["k"] == k}
+    measured = converged_spread(fve, ok, k)
+    return {arch: measured.get(arch, math.nan) for arch in ARCHITECTURES}
 
 
 def absorption_spread(
     absorb: dict[tuple[str, int], dict[str, float]], ok: dict[tuple[str, int, int], bool], k: int
 ) -> dict[str, float]:
     """Per architecture with two or more converged seeds at k, the largest difference of its absorption fraction."""
+    return converged_spread({key: r["absorption"] for key, r in absorb.items()}, ok, k)
+
+
+def converged_spread(
+    values: dict[tuple[str, int], float], ok: dict[tuple[str, int, int], bool], k: int
+) -> dict[str, float]:
+    """Per architecture with two or more converged seeds at k, the largest difference of `values` (keyed by
+    (architecture, seed)) between those seeds."""
     spread = {}
     for arch in ARCHITECTURES:
-        values = [r["absorption"] for (a, seed), r in absorb.items() if a == arch and ok.get((arch, k, seed))]
-        if len(values) > 1:
-            spread[arch] = max(values) - min(values)
+        seen = [v for (a, seed), v in values.items() if a == arch and ok.get((arch, k, seed))]
+        if len(seen) > 1:
+            spread[arch] = max(seen) - min(seen)
     return spread
 
 
