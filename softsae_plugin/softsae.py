@@ -33,11 +33,10 @@ from torch import nn
 from torch.nn import functional as F
 from typing_extensions import override
 
-from softsae_plugin.distributed import gather_rows, sum_over_ranks
+from softsae_plugin.checks import check_finite, check_types
+from softsae_plugin.collectives import gather_rows, sum_over_ranks
 from softsae_plugin.lapsum import soft_topk
-from softsae_plugin.reliability import check_finite
 from softsae_plugin.sparsity_control import calibrated_offset, constrained_k, k_from_logit, rounded_k
-from softsae_plugin.typecheck import check_types
 from softsae_plugin.unit_decoder import keep_decoder_rows_unit
 
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in")

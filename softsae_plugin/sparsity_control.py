@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from softsae_plugin.distributed import gather_rows, sum_over_ranks
+from softsae_plugin.collectives import gather_rows, sum_over_ranks
 
 # The hard count is a step function of the shift, and the bisection finds a step's edge, where some input's k_hat
 # rounds either way: the calibration moves this far past it, so that float rounding (a matmul over another batch

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from softsae_plugin.summary import SUMMARY_FILENAME
+from softsae_plugin.training.summary import SUMMARY_FILENAME
 
 BIN = Path(sys.executable).parent
 SAE_LENS, TORCHRUN = str(BIN / "sae-lens"), str(BIN / "torchrun")

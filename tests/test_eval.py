@@ -22,7 +22,8 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from safetensors.torch import load_file, save_file
 
-from softsae_plugin.evaluate import (
+from softsae_plugin.evaluate.absorption import probe_vocabulary, stop_after_hook_layer
+from softsae_plugin.evaluate.evals import (
     ABSORPTION_ID,
     CORE_ID,
     NOTES_KEY,
@@ -32,14 +33,11 @@ from softsae_plugin.evaluate import (
     TABLE_COLUMNS,
     TPP_ID,
     EvalError,
-    SAESpec,
-    check_results,
-    prepare_decoder,
-    probe_vocabulary,
-    serve_datasets,
-    stop_after_hook_layer,
 )
-from softsae_plugin.smollm2 import SMOLLM2_ID
+from softsae_plugin.evaluate.run import check_results
+from softsae_plugin.evaluate.saes import SAESpec, prepare_decoder
+from softsae_plugin.evaluate.serving import serve_datasets
+from softsae_plugin.offline.smollm2 import SMOLLM2_ID
 
 REPO = Path(__file__).resolve().parents[1]
 SAE_LENS = str(Path(sys.executable).with_name("sae-lens"))
@@ -189,7 +187,7 @@ from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 import softsae_plugin
-from softsae_plugin.smollm2 import load_smollm2
+from softsae_plugin.offline.smollm2 import load_smollm2
 
 copy, checkpoint, probes, ours, out = sys.argv[1:]
 assert Path(sae_bench.__file__).is_relative_to(copy), sae_bench.__file__
@@ -419,8 +417,8 @@ def test_probe_vocabulary_is_a_reproducible_subset_with_every_letter():
 ABSORPTION_VOCABULARY = """
 import hashlib
 from sae_bench.evals.absorption import common, feature_absorption
-from softsae_plugin.evaluate import absorption_vocabulary
-from softsae_plugin.smollm2 import load_smollm2
+from softsae_plugin.evaluate.absorption import absorption_vocabulary
+from softsae_plugin.offline.smollm2 import load_smollm2
 
 tokenizer = load_smollm2(first_n_layers=1).tokenizer
 raw = feature_absorption.get_alpha_tokens(tokenizer)
@@ -473,7 +471,7 @@ def test_saebench_reads_softsae_hook_and_layer_from_metadata():
 
 
 def test_absorption_reads_the_same_activations_from_a_model_stopped_after_the_hook_block():
-    from softsae_plugin.smollm2 import load_smollm2
+    from softsae_plugin.offline.smollm2 import load_smollm2
 
     model = load_smollm2(first_n_layers=5)
     sae = TopKSAE(TopKSAEConfig(d_in=576, d_sae=600, k=4, metadata=SAEMetadata(hook_name=HOOK)))

@@ -13,8 +13,8 @@ from sae_lens.saes.sae import SAEMetadata
 
 from softsae_plugin import SoftSAE, SoftSAEConfig
 from softsae_plugin.evaluate import main as eval_main
-from softsae_plugin.push import main as push_main
-from softsae_plugin.reliability import check_sae_folder
+from softsae_plugin.hub.push import main as push_main
+from softsae_plugin.training.guards import check_sae_folder
 
 LOAD_WITHOUT_IMPORT = """
 import sys

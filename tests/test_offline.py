@@ -17,9 +17,9 @@ from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens import HookedTransformer
 from transformers import AutoModelForCausalLM
 
-from softsae_plugin import smollm2
-from softsae_plugin.smollm2 import SMOLLM2_ID, is_local_model, load_local_model, load_smollm2
-from softsae_plugin.text import english_text, tokenized_english_text
+from softsae_plugin.offline import smollm2
+from softsae_plugin.offline.smollm2 import SMOLLM2_ID, is_local_model, load_local_model, load_smollm2
+from softsae_plugin.offline.text import english_text, tokenized_english_text
 
 HOOK_LAYER = 5
 HOOK = f"blocks.{HOOK_LAYER}.hook_resid_post"

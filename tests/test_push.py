@@ -26,8 +26,8 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAEConfig
 
 from softsae_plugin import SoftSAE, SoftTrainingSAEConfig, train_on_activations
-from softsae_plugin.card import CARD_MARKER, model_card, read_entry
-from softsae_plugin.push import main as push_main
+from softsae_plugin.hub.card import CARD_MARKER, model_card, read_entry
+from softsae_plugin.hub.push import main as push_main
 
 SAE_LENS = str(Path(sys.executable).with_name("sae-lens"))
 TOKEN = "hf_test_write_token"

@@ -27,10 +27,13 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from softsae_plugin import SoftSAE, SoftSAEConfig, SoftTrainingSAE, SoftTrainingSAEConfig, cli, train_on_activations
-from softsae_plugin.cli import _GuardedRunner, load_yaml_config, main
-from softsae_plugin.reliability import GUARD_STATE_FILENAME, atomic_folder, check_checkpoint, guard_trainer
-from softsae_plugin.summary import SUMMARY_FILENAME, summarise
+from softsae_plugin import SoftSAE, SoftSAEConfig, SoftTrainingSAE, SoftTrainingSAEConfig, train_on_activations
+from softsae_plugin.cli import main
+from softsae_plugin.training import command
+from softsae_plugin.training.config import load_yaml_config
+from softsae_plugin.training.guards import GUARD_STATE_FILENAME, atomic_folder, check_checkpoint, guard_trainer
+from softsae_plugin.training.language_model import _GuardedRunner
+from softsae_plugin.training.summary import SUMMARY_FILENAME, summarise
 
 REPO = Path(__file__).resolve().parents[1]
 SAE_LENS = str(Path(sys.executable).with_name("sae-lens"))
@@ -124,7 +127,7 @@ def test_yaml_reads_exponent_numbers_as_numbers(tmp_path):
 def test_command_line_overrides_a_null_in_the_config(tmp_path, monkeypatch):
     """quickstart.yaml sets checkpoint_path: null; --checkpoint_path must still win, or no checkpoint is written."""
     runs = []
-    monkeypatch.setattr(cli, "run_llm_training", lambda cfg, **kwargs: runs.append(cfg))
+    monkeypatch.setattr(command, "run_llm_training", lambda cfg, **kwargs: runs.append(cfg))
     main(["train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--checkpoint_path", str(tmp_path)])
     assert runs[0].checkpoint_path.startswith(str(tmp_path))
 
@@ -469,8 +472,8 @@ def test_loading_nonfinite_weights_is_refused(tmp_path):
 
 def held_out_activations(hook_name: str) -> torch.Tensor:
     """SmolLM2 activations at `hook_name` on the last rows of the local text, which a short run never reaches."""
-    from softsae_plugin.smollm2 import load_smollm2
-    from softsae_plugin.text import tokenized_english_text
+    from softsae_plugin.offline.smollm2 import load_smollm2
+    from softsae_plugin.offline.text import tokenized_english_text
 
     model = load_smollm2(first_n_layers=3)
     tokens = tokenized_english_text(model.tokenizer, 128)["input_ids"][-16:]

@@ -71,7 +71,7 @@ def _absorption_vocabulary_call_sites() -> bool:
 def _core_settings() -> list[str]:
     import dataclasses
 
-    from softsae_plugin.evaluate import CoreSettings
+    from softsae_plugin.evaluate.options import CoreSettings
 
     return [f.name for f in dataclasses.fields(CoreSettings)]
 

@@ -8,7 +8,7 @@ import torch
 
 from softsae_plugin import SoftTrainingSAEConfig, train_on_activations
 from softsae_plugin.sparsity_control import calibrated_offset, constrained_k, hard_counts, k_from_logit
-from softsae_plugin.summary import summarise
+from softsae_plugin.training.summary import summarise
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))
 from reproduce import synthetic_activations

@@ -5,7 +5,7 @@ import torch
 from sae_lens import HookedSAETransformer
 
 from softsae_plugin import SoftSAE, SoftSAEConfig
-from softsae_plugin.smollm2 import load_smollm2
+from softsae_plugin.offline.smollm2 import load_smollm2
 
 HOOK = "blocks.1.hook_resid_post"
 

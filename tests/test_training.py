@@ -15,10 +15,10 @@ from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 from safetensors.torch import save_file
 
 from softsae_plugin import SoftSAE, SoftTrainingSAEConfig, train_on_activations
-from softsae_plugin.activations import load_activations
-from softsae_plugin.cli import load_sweep_config, load_yaml_config
-from softsae_plugin.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
-from softsae_plugin.sweep import build_sweep
+from softsae_plugin.training.activations import load_activations
+from softsae_plugin.training.config import load_sweep_config, load_yaml_config
+from softsae_plugin.training.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
+from softsae_plugin.training.sweep import build_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SAE_LENS = str(Path(sys.executable).with_name("sae-lens"))
@@ -179,8 +179,8 @@ def test_sae_lens_python_idiom_trains_softsae(tmp_path):
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
     from sae_lens.config import LoggingConfig
 
-    from softsae_plugin.smollm2 import SMOLLM2_ID, load_smollm2
-    from softsae_plugin.text import LOCAL_TEXT_ID, tokenized_english_text
+    from softsae_plugin.offline.smollm2 import SMOLLM2_ID, load_smollm2
+    from softsae_plugin.offline.text import LOCAL_TEXT_ID, tokenized_english_text
 
     model = load_smollm2(first_n_layers=1)
     rows = tokenized_english_text(model.tokenizer, 64, split="train").with_format(None).select(range(400))
@@ -255,7 +255,7 @@ def test_the_summary_describes_the_saved_model_not_the_training_one(tmp_path):
     # batch top-k it trained with keeps exactly k per input on average. The summary is of the saved model.
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
 
-    from softsae_plugin.summary import summarise
+    from softsae_plugin.training.summary import summarise
 
     x, _ = synthetic_activations()
     cfg = BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=128, k=6)
@@ -280,7 +280,7 @@ def test_dead_fraction_is_sae_lens_dead_latent_state_not_the_last_window(tmp_pat
     from sae_lens.training.sae_trainer import SAETrainer
 
     from softsae_plugin import SoftTrainingSAE
-    from softsae_plugin.summary import training_statistics
+    from softsae_plugin.training.summary import training_statistics
 
     sae = SoftTrainingSAE(SoftTrainingSAEConfig(d_in=8, d_sae=40, k=2, total_training_steps=100))
     cfg = SAETrainerConfig(total_training_samples=1000, train_batch_size_samples=10, lr=1e-3, lr_end=1e-3,

@@ -1,22 +1,14 @@
-"""Training entry points built on SAE-Lens' `SAETrainer`: the embedding path and what every run shares.
-
-`train_on_activations` (and `sae-lens train --activations`) trains any registered architecture on precomputed
-activation vectors; `fit_quietly_and_in_order` is the one place where a trainer starts, for this path and for
-SAE-Lens' language-model runner alike.
+"""The embedding path: `train_on_activations` (and `sae-lens train --activations`) trains any registered
+architecture on precomputed activation vectors with SAE-Lens' own `SAETrainer`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import warnings
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
@@ -25,90 +17,26 @@ from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from softsae_plugin import distributed
-from softsae_plugin.activations import ActivationSource, batches, load_activations, split_heldout
-from softsae_plugin.reliability import (
+from softsae_plugin.checks import check_finite
+from softsae_plugin.collectives import is_main
+from softsae_plugin.training import data_parallel
+from softsae_plugin.training.activations import ActivationSource, batches, load_activations, split_heldout
+from softsae_plugin.training.guards import (
     FiniteBatches,
     atomic_folder,
     check_checkpoint,
-    check_finite,
     check_replaceable,
     continue_from_checkpoint,
     guard_trainer,
 )
-from softsae_plugin.summary import print_summary, summarise_saved, training_statistics, write_summary
+from softsae_plugin.training.runs import fit_quietly_and_in_order, with_run_length
+from softsae_plugin.training.summary import print_summary, summarise_saved, training_statistics, write_summary
 
 # The share of a matrix of activations held out for the summary when no `eval_activations` are given.
 HELDOUT_FRACTION = 0.1
 # The summary measures at most this many held-out vectors.
 SUMMARY_INPUTS = 65_536
-
-
-def with_run_length(sae_cfg: TrainingSAEConfig, total_training_steps: int) -> TrainingSAEConfig:
-    """Record the run's length in a config whose schedules need it (softsae); others pass unchanged."""
-    if not hasattr(sae_cfg, "total_training_steps"):
-        return sae_cfg
-    return dataclasses.replace(sae_cfg, total_training_steps=total_training_steps)
-
-
-@contextmanager
-def local_sources_quietly(local_model: bool, local_text: bool) -> Iterator[None]:
-    """While the block runs, SAE-Lens' warnings that do not hold for this package's local model and text are off:
-    that an override model or dataset makes a run irreproducible from its configuration (the configuration names
-    them), that a dataset of fewer rows than training tokens means several epochs (it compares rows with tokens;
-    the caller states the passes over the text), and that copying its own token tensors with torch.tensor is slow
-    (SAE-Lens sets the pretokenized text's format to torch itself, then copies each row)."""
-    messages = [
-        *(["a model which will override", "override_model overrides"] if local_model else []),
-        *(["a dataset which will override", "override_dataset overrides"] if local_text else []),
-    ]
-    quiet = logging.Filter()
-    quiet.filter = lambda record: not any(m in record.getMessage() for m in messages)  # type: ignore[method-assign]
-    sae_lens_logger = logging.getLogger("sae_lens")
-    sae_lens_logger.addFilter(quiet)
-    try:
-        with warnings.catch_warnings():
-            if local_text:
-                warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
-                warnings.filterwarnings("ignore", message="To copy construct from a tensor")
-            yield
-    finally:
-        sae_lens_logger.removeFilter(quiet)
-
-
-@contextmanager
-def _quiet_bars() -> Iterator[None]:
-    # tqdm reads TQDM_DISABLE when it is imported, not when a bar starts: SAE-Lens' trainer and activation scaler
-    # get a tqdm whose bars are off instead, for as long as the block runs.
-    import sae_lens.training.activation_scaler as activation_scaler
-    import sae_lens.training.sae_trainer as sae_trainer
-
-    quiet = partial(tqdm, disable=True)
-    with mock.patch.object(sae_trainer, "tqdm", quiet), mock.patch.object(activation_scaler, "tqdm", quiet):
-        yield
-
-
-@contextmanager
-def fit_quietly_and_in_order(trainer: SAETrainer[Any, Any], *, progress: bool = True) -> Iterator[None]:
-    """Prepare `trainer` for its `fit()`, run inside the block: the activation scale is estimated first (SAE-Lens'
-    own estimate, on the same batches `fit` would take, so results are unchanged; the global batches under
-    data-parallel training), so that its progress bar does not nest inside the training bar; with `progress=False`
-    (and on every rank but the first) neither bar is drawn."""
-    with ExitStack() as stack:
-        if not progress or not distributed.is_main():
-            stack.enter_context(_quiet_bars())
-        if trainer.sae.cfg.normalize_activations == "expected_average_only_in" and (
-            trainer.activation_scaler.scaling_factor is None
-        ):
-            with distributed.global_batches(trainer):  # every rank estimates on the global batches
-                trainer.activation_scaler.estimate_scaling_factor(
-                    d_in=trainer.sae.cfg.d_in,
-                    data_provider=trainer.data_provider,
-                    n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
-                )
-        yield
 
 
 def train_on_activations(
@@ -228,9 +156,9 @@ def train_with_trainer_config(
     data = batches(activations, batch_size, seed=seed, start=guard_state.get("batches_drawn", 0))
     # Data-parallel: every rank draws the same global batches and trains on its own slice of each.
     trainer = SAETrainer(
-        cfg=distributed.per_rank(trainer_cfg, skip_nonfinite_rows),
+        cfg=data_parallel.per_rank(trainer_cfg, skip_nonfinite_rows),
         sae=sae,
-        data_provider=map(distributed.shard, data),
+        data_provider=map(data_parallel.shard, data),
     )
     if resume_from is not None:
         # What SAE-Lens' runner does for resume_from_checkpoint; the data position is restored above.
@@ -238,10 +166,10 @@ def train_with_trainer_config(
         sae.load_weights_from_checkpoint(resume_from)
         continue_from_checkpoint(trainer)
     guard = guard_trainer(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
-    distributed.data_parallel(trainer)
+    data_parallel.data_parallel(trainer)
     with fit_quietly_and_in_order(trainer, progress=progress):
         sae = trainer.fit()
-    if not distributed.is_main():
+    if not is_main():
         return sae
     if output_path is None:
         return sae

@@ -1,4 +1,5 @@
-"""Type checks for dataclass configs: a string k or a float step count is an error that names the field.
+"""Checks that name what is wrong: config field types (a string k or a float step count is an error that names the
+field) and tensors that hold NaN or inf.
 
 Python dataclasses do not check their fields' types, so a config built in Python (or from JSON) could carry "8" for
 k and fail later with a bare TypeError, or train on a schedule computed from the wrong value.
@@ -11,7 +12,10 @@ import math
 import numbers
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 
 @functools.cache
@@ -48,3 +52,15 @@ def check_types(cfg: Any, module: str, *, extra: tuple[str, ...] = (), what: str
             raise TypeError(f"{what}: {name}={value!r} has type {type(value).__name__}; expected {expected}")
         if isinstance(value, numbers.Real) and not math.isfinite(value):
             raise ValueError(f"{what}: {name}={value!r} is invalid; expected a finite number")
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], action: str) -> None:
+    """Raise a ValueError, led by `action`, naming every floating-point tensor that holds NaN or inf and how many."""
+    bad = {
+        name: (int((~torch.isfinite(t)).sum()), t.numel())
+        for name, t in tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    }
+    if bad:
+        details = ", ".join(f"{name} has {n_bad} of {n} values NaN or inf" for name, (n_bad, n) in bad.items())
+        raise ValueError(f"{action}: {details}; expected finite values")

@@ -19,9 +19,9 @@ from huggingface_hub.utils import validate_repo_id
 from sae_lens import upload_saes_to_huggingface
 from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME
 
-from softsae_plugin.card import CARD_MARKER, EVAL_DIRNAME, SAEEntry, is_card_source, model_card, read_entry
-from softsae_plugin.reliability import check_sae_folder
-from softsae_plugin.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
+from softsae_plugin.hub.card import CARD_MARKER, EVAL_DIRNAME, SAEEntry, is_card_source, model_card, read_entry
+from softsae_plugin.training.guards import check_sae_folder
+from softsae_plugin.training.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
 
 README = "README.md"
 LOGIN_HINT = (

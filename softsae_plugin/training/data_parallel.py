@@ -13,6 +13,7 @@ nccl on CUDA. Without torchrun (or with one process) every function here is the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,20 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def world_size() -> int:
-    """The number of data-parallel processes (1 without torchrun)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    """This process's rank (0 without torchrun)."""
-    return dist.get_rank() if world_size() > 1 else 0
-
-
-def is_main() -> bool:
-    """Whether this process writes files and prints summaries (rank 0)."""
-    return rank() == 0
+from softsae_plugin.collectives import gather_rows, is_main, rank, sum_over_ranks, world_size
 
 
 def init_from_environment(device: str) -> int:
@@ -57,51 +45,9 @@ def local_device(device: str) -> str:
     return device
 
 
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The rows of every rank's `tensor`, concatenated in rank order (the tensor itself in one process).
-
-    Each rank's slice of the result is its own tensor, so gradients flow back to it (all_gather's autograd form).
-    """
-    if world_size() == 1:
-        return tensor
-    return _GatherRows.apply(tensor) if tensor.requires_grad else _gather(tensor)
-
-
-def _gather(tensor: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
-class _GatherRows(torch.autograd.Function):
-    # Every rank computes the same function of the gathered rows, so a rank's rows receive the gradient that every
-    # rank sends back for them: the sum over ranks of the gradient's slice for this rank.
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        ctx.rows = tensor.shape[0]
-        return _gather(tensor)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.contiguous().clone()
-        dist.all_reduce(total)
-        return total[rank() * ctx.rows : (rank() + 1) * ctx.rows]
-
-
-def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` summed over every rank (itself in one process); not differentiated through."""
-    if world_size() == 1:
-        return tensor
-    total = tensor.detach().clone()
-    dist.all_reduce(total)
-    return total
-
-
 def per_rank(trainer_cfg: Any, skip_nonfinite_rows: bool = False) -> Any:
     """SAE-Lens' trainer config for one rank: its share of the global batch and of the training samples, so that
     every rank takes the same number of steps (the config itself in one process)."""
-    import dataclasses
-
     size = world_size()
     if size == 1:
         return trainer_cfg
@@ -117,6 +63,25 @@ def per_rank(trainer_cfg: Any, skip_nonfinite_rows: bool = False) -> Any:
         train_batch_size_samples=trainer_cfg.train_batch_size_samples // size,
         total_training_samples=trainer_cfg.total_training_samples // size,
     )
+
+
+def split_over_ranks(cfg: Any, skip_nonfinite_rows: bool = False) -> bool:
+    """Set a runner config (SAE-Lens' `LanguageModelSAERunnerConfig`, or `MultiSAETrainingRunnerConfig` for a sweep)
+    up for this rank after joining the process group: its own device, its share of the batch and of the tokens (the
+    configured ones are global), W&B on rank 0 only. Returns whether the run is data-parallel (a no-op otherwise)."""
+    if init_from_environment(cfg.device) == 1:
+        return False
+    cfg.device = local_device(cfg.device)
+    cfg.llm_device = local_device(cfg.llm_device or cfg.device)
+    cfg.act_store_device = local_device(cfg.act_store_device or cfg.device)
+    trainer_cfg = per_rank(cfg.to_sae_trainer_config(), skip_nonfinite_rows)
+    cfg.train_batch_size_tokens = trainer_cfg.train_batch_size_samples
+    cfg.training_tokens = trainer_cfg.total_training_samples
+    if hasattr(cfg, "saes"):  # a sweep: every SAE on this rank's device
+        cfg.saes = {name: dataclasses.replace(sae_cfg, device=cfg.device) for name, sae_cfg in cfg.saes.items()}
+    if not is_main():
+        cfg.logger.log_to_wandb = False
+    return True
 
 
 def shard(batch: torch.Tensor) -> torch.Tensor:

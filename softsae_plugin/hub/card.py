@@ -20,7 +20,7 @@ from typing import Any
 from huggingface_hub import ModelCardData
 from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME
 
-from softsae_plugin.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
+from softsae_plugin.training.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
 
 logger = logging.getLogger(__name__)
 

@@ -32,23 +32,14 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from softsae_plugin.checks import check_finite
+from softsae_plugin.collectives import is_main, world_size
+
 GUARD_STATE_FILENAME = "softsae_guard_state.json"
 # A batch of activations: one tensor, or (a sweep's) one tensor per hook, for the same tokens.
 Batch = torch.Tensor | dict[str, torch.Tensor]
 
 logger = logging.getLogger(__name__)
-
-
-def check_finite(tensors: Mapping[str, torch.Tensor], action: str) -> None:
-    """Raise a ValueError, led by `action`, naming every floating-point tensor that holds NaN or inf and how many."""
-    bad = {
-        name: (int((~torch.isfinite(t)).sum()), t.numel())
-        for name, t in tensors.items()
-        if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    }
-    if bad:
-        details = ", ".join(f"{name} has {n_bad} of {n} values NaN or inf" for name, (n_bad, n) in bad.items())
-        raise ValueError(f"{action}: {details}; expected finite values")
 
 
 class FiniteBatches:
@@ -169,8 +160,6 @@ def guard_trainer(
     run knows its data position (and its number of data-parallel ranks). Under data-parallel training only rank 0
     writes. `guard_state` is what `check_checkpoint` read from the checkpoint resumed.
     """
-    from softsae_plugin.distributed import is_main, world_size
-
     state = guard_state or {}
     guard = FiniteBatches(
         trainer.data_provider,
@@ -304,8 +293,6 @@ def check_checkpoint(path: str | Path, sae_cfg: TrainingSAEConfig, *, has_activa
 def check_world_size(guard_state: Mapping[str, int], path: str | Path) -> None:
     """Refuse to resume a checkpoint written by another number of data-parallel ranks: each rank's data shard and
     position depend on it."""
-    from softsae_plugin.distributed import world_size
-
     saved = guard_state.get("world_size", 1)
     if saved != world_size():
         raise ValueError(

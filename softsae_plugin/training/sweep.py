@@ -35,30 +35,30 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 
-from softsae_plugin.distributed import (
+from softsae_plugin.checks import check_finite
+from softsae_plugin.collectives import is_main, world_size
+from softsae_plugin.training.data_parallel import (
     data_parallel,
     global_batches,
     init_from_environment,
-    is_main,
     load_shard,
     local_device,
     per_rank,
     shard,
     shard_dataset,
-    world_size,
+    split_over_ranks,
 )
-from softsae_plugin.reliability import (
+from softsae_plugin.training.guards import (
     GUARD_STATE_FILENAME,
     FiniteBatches,
     atomic_folder,
     check_checkpoint,
-    check_finite,
     check_replaceable,
     check_world_size,
     continue_from_checkpoint,
 )
-from softsae_plugin.summary import SUMMARY_FILENAME, summarise_saved, write_summary
-from softsae_plugin.train import local_sources_quietly, with_run_length
+from softsae_plugin.training.runs import local_sources_quietly, with_run_length
+from softsae_plugin.training.summary import SUMMARY_FILENAME, summarise_saved, write_summary
 
 SWEEP_KEY = "saes"
 # Per-SAE options that belong to the trainer rather than to the SAE's config.
@@ -345,32 +345,17 @@ def _seeded_saes(cfg: MultiSAETrainingRunnerConfig) -> dict[str, TrainingSAE[Any
     return saes
 
 
-def _split_over_ranks(cfg: MultiSAETrainingRunnerConfig, skip_nonfinite_rows: bool) -> MultiSAETrainingRunnerConfig:
-    # This rank's own device and its share of the (global) batch and tokens; W&B on rank 0 only.
-    if init_from_environment(cfg.device) == 1:
-        return cfg
-    trainer_cfg = per_rank(cfg.to_sae_trainer_config(), skip_nonfinite_rows)
-    cfg.device = local_device(cfg.device)
-    cfg.llm_device = local_device(cfg.llm_device or cfg.device)
-    cfg.act_store_device = local_device(cfg.act_store_device or cfg.device)
-    cfg.train_batch_size_tokens = trainer_cfg.train_batch_size_samples
-    cfg.training_tokens = trainer_cfg.total_training_samples
-    cfg.saes = {name: dataclasses.replace(sae_cfg, device=cfg.device) for name, sae_cfg in cfg.saes.items()}
-    if not is_main():
-        cfg.logger.log_to_wandb = False
-    return cfg
-
-
 def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batches: int = 32) -> dict[str, Any]:
     """Train a language-model sweep with `SweepRunner`: offline model and text where the names ask for them, the
     checkpoint checked before SAE-Lens resumes from it, then each SAE's training summary (on held-out text) in its
     folder and the sweep's table and plot beside them."""
     from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name, get_special_token_ids
 
-    from softsae_plugin.smollm2 import is_local_model, load_local_model
-    from softsae_plugin.text import HELDOUT_EVERY, LOCAL_TEXT_ID, tokenized_english_text
+    from softsae_plugin.offline.smollm2 import is_local_model, load_local_model
+    from softsae_plugin.offline.text import HELDOUT_EVERY, LOCAL_TEXT_ID, tokenized_english_text
 
-    cfg = _split_over_ranks(sweep.runner, skip_nonfinite_rows)
+    cfg = sweep.runner
+    split_over_ranks(cfg, skip_nonfinite_rows)
     if cfg.output_path is not None:
         check_replaceable(cfg.output_path)
     guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
@@ -445,8 +430,8 @@ def train_sweep_on_activations(
     every SAE, each SAE seeded and checkpointed as its single run (`train_on_activations`) would be, so that it ends
     with the same weights; then each SAE's folder (whole), summary and the table. The summaries are measured on
     `eval_activations` (described by `eval_data`) or else on a random 10% of the rows, kept out of training."""
-    from softsae_plugin.activations import batches, split_heldout
-    from softsae_plugin.train import HELDOUT_FRACTION
+    from softsae_plugin.training.activations import batches, split_heldout
+    from softsae_plugin.training.on_activations import HELDOUT_FRACTION
 
     cfg = sweep.runner
     init_from_environment(cfg.device)

@@ -1,0 +1,68 @@
+"""What the SAE's arithmetic needs from torch.distributed: the rank, the world size, and the global batch.
+
+Under data-parallel training (training/data_parallel.py) a quantity that spans the batch (softsae's constraint on
+mean k_hat, its hard-phase calibration, b_dec's initialisation, the AuxK residual's variance) is taken over every
+rank's rows. Without torchrun (or with one process) every function here is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    """The number of data-parallel processes (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without torchrun)."""
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main() -> bool:
+    """Whether this process writes files and prints summaries (rank 0)."""
+    return rank() == 0
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of every rank's `tensor`, concatenated in rank order (the tensor itself in one process).
+
+    Each rank's slice of the result is its own tensor, so gradients flow back to it (all_gather's autograd form).
+    """
+    if world_size() == 1:
+        return tensor
+    return _GatherRows.apply(tensor) if tensor.requires_grad else _gather(tensor)
+
+
+def _gather(tensor: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherRows(torch.autograd.Function):
+    # Every rank computes the same function of the gathered rows, so a rank's rows receive the gradient that every
+    # rank sends back for them: the sum over ranks of the gradient's slice for this rank.
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows = tensor.shape[0]
+        return _gather(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[rank() * ctx.rows : (rank() + 1) * ctx.rows]
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over every rank (itself in one process); not differentiated through."""
+    if world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total

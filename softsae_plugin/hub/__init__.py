@@ -1,0 +1,1 @@
+"""The Hugging Face Hub: `sae-lens push` and the model card it writes."""

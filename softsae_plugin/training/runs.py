@@ -1,0 +1,87 @@
+"""What every training run shares, whatever feeds it (a language model, a file of vectors, a sweep): the run length
+recorded in the SAE config, SAE-Lens' warnings that do not hold for the local model and text turned off, and
+`fit_quietly_and_in_order`, the one place where a trainer starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from typing import Any
+from unittest import mock
+
+from sae_lens.saes.sae import TrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+from tqdm.auto import tqdm
+
+from softsae_plugin.collectives import is_main
+from softsae_plugin.training.data_parallel import global_batches
+
+
+def with_run_length(sae_cfg: TrainingSAEConfig, total_training_steps: int) -> TrainingSAEConfig:
+    """Record the run's length in a config whose schedules need it (softsae); others pass unchanged."""
+    if not hasattr(sae_cfg, "total_training_steps"):
+        return sae_cfg
+    return dataclasses.replace(sae_cfg, total_training_steps=total_training_steps)
+
+
+@contextmanager
+def local_sources_quietly(local_model: bool, local_text: bool) -> Iterator[None]:
+    """While the block runs, SAE-Lens' warnings that do not hold for this package's local model and text are off:
+    that an override model or dataset makes a run irreproducible from its configuration (the configuration names
+    them), that a dataset of fewer rows than training tokens means several epochs (it compares rows with tokens;
+    the caller states the passes over the text), and that copying its own token tensors with torch.tensor is slow
+    (SAE-Lens sets the pretokenized text's format to torch itself, then copies each row)."""
+    messages = [
+        *(["a model which will override", "override_model overrides"] if local_model else []),
+        *(["a dataset which will override", "override_dataset overrides"] if local_text else []),
+    ]
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not any(m in record.getMessage() for m in messages)  # type: ignore[method-assign]
+    sae_lens_logger = logging.getLogger("sae_lens")
+    sae_lens_logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            if local_text:
+                warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
+                warnings.filterwarnings("ignore", message="To copy construct from a tensor")
+            yield
+    finally:
+        sae_lens_logger.removeFilter(quiet)
+
+
+@contextmanager
+def _quiet_bars() -> Iterator[None]:
+    # tqdm reads TQDM_DISABLE when it is imported, not when a bar starts: SAE-Lens' trainer and activation scaler
+    # get a tqdm whose bars are off instead, for as long as the block runs.
+    import sae_lens.training.activation_scaler as activation_scaler
+    import sae_lens.training.sae_trainer as sae_trainer
+
+    quiet = partial(tqdm, disable=True)
+    with mock.patch.object(sae_trainer, "tqdm", quiet), mock.patch.object(activation_scaler, "tqdm", quiet):
+        yield
+
+
+@contextmanager
+def fit_quietly_and_in_order(trainer: SAETrainer[Any, Any], *, progress: bool = True) -> Iterator[None]:
+    """Prepare `trainer` for its `fit()`, run inside the block: the activation scale is estimated first (SAE-Lens'
+    own estimate, on the same batches `fit` would take, so results are unchanged; the global batches under
+    data-parallel training), so that its progress bar does not nest inside the training bar; with `progress=False`
+    (and on every rank but the first) neither bar is drawn."""
+    with ExitStack() as stack:
+        if not progress or not is_main():
+            stack.enter_context(_quiet_bars())
+        if trainer.sae.cfg.normalize_activations == "expected_average_only_in" and (
+            trainer.activation_scaler.scaling_factor is None
+        ):
+            with global_batches(trainer):  # every rank estimates on the global batches
+                trainer.activation_scaler.estimate_scaling_factor(
+                    d_in=trainer.sae.cfg.d_in,
+                    data_provider=trainer.data_provider,
+                    n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
+                )
+        yield
