@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,35 @@ def test_a_language_model_sweep_from_one_pass_checkpoints_and_resumes(tmp_path):
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (tmp_path / "resumed" / "softsae-k8" / SUMMARY_FILENAME).exists()
+
+
+def test_a_diverging_sae_stops_alone_and_a_resume_leaves_it_out(tmp_path):
+    """One SAE of a sweep given a learning rate that blows its loss up stops at the first non-finite loss; the other
+    trains on to the weights of its single run and is saved, the table names the step and the cause, checkpoints
+    hold only the healthy SAE, and a resume from one carries the record forward without that SAE."""
+    np.save(tmp_path / "acts.npy", activations())
+    saes = {"soft": SAES["soft"], "blowup": {"architecture": "topk", "k": 4, "lr": 1e30}}
+    config = {**SHARED, "output_path": str(tmp_path / "sweep"), "checkpoint_path": str(tmp_path / "ckpt"),
+              "n_checkpoints": 1, "saes": saes}  # fmt: skip
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    main(["train", "--config", str(tmp_path / "sweep.yaml"), "--activations", str(tmp_path / "acts.npy")])
+    args = [arg for key, value in {**SHARED, **SAES["soft"]}.items() for arg in (f"--{key}", str(value))]
+    main(["train", *args, "--activations", str(tmp_path / "acts.npy"), "--output_path", str(tmp_path / "single")])
+    single, swept = (load_file(tmp_path / folder / SAE_WEIGHTS_FILENAME) for folder in ("single", "sweep/soft"))
+    assert all(torch.equal(single[key], swept[key]) for key in single)
+    assert not (tmp_path / "sweep" / "blowup").exists()
+    table = (tmp_path / "sweep" / f"{SWEEP_TABLE}.md").read_text()
+    (row,) = [line for line in table.splitlines() if line.startswith("| blowup |")]
+    status = r"diverged at step [12]: the loss is (nan|inf) \(not finite\); not saved"
+    assert re.fullmatch(rf"\| blowup \| topk \| 4 \|(  \|){{4}} {status} \|", row), row
+    assert "| soft | softsae | 4 |" in table and "trained" in table
+    (checkpoint,) = [p for p in (tmp_path / "ckpt").glob("*/*") if p.is_dir()]
+    assert (checkpoint / "soft").is_dir() and not (checkpoint / "blowup").exists()
+    guard = json.loads((checkpoint / "softsae_guard_state.json").read_text())
+    assert set(guard["diverged"]) == {"blowup"} and guard["diverged"]["blowup"]["step"] <= 2
+    main(["train", "--config", str(tmp_path / "sweep.yaml"), "--activations", str(tmp_path / "acts.npy"),
+          "--resume", str(checkpoint), "--output_path", str(tmp_path / "resumed"), "--checkpoint_path",
+          str(tmp_path / "ckpt2")])  # fmt: skip
+    resumed = load_file(tmp_path / "resumed" / "soft" / SAE_WEIGHTS_FILENAME)
+    assert all(torch.equal(single[key], resumed[key]) for key in single)
+    assert "| blowup |" in (tmp_path / "resumed" / f"{SWEEP_TABLE}.md").read_text()

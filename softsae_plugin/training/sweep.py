@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import typing
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -30,13 +31,13 @@ from sae_lens.config import LoggingConfig
 from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
-from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig, TrainStepOutput
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 
 from softsae_plugin.checks import check_finite
-from softsae_plugin.collectives import is_main, world_size
+from softsae_plugin.collectives import is_main, sum_over_ranks, world_size
 from softsae_plugin.training.data_parallel import (
     data_parallel,
     global_batches,
@@ -61,10 +62,14 @@ from softsae_plugin.training.runs import local_sources_quietly, with_run_length
 from softsae_plugin.training.summary import SUMMARY_FILENAME, summarise_saved, write_summary
 
 SWEEP_KEY = "saes"
+# The guard state's record of the SAEs that diverged (name -> step and cause): a resume leaves them out.
+DIVERGED_KEY = "diverged"
 # Per-SAE options that belong to the trainer rather than to the SAE's config.
 PER_SAE_TRAINER_KEYS: dict[str, Any] = {"lr": float}
 SWEEP_TABLE = "sweep_summary"
 SWEEP_PLOT = "sweep_fve_vs_l0.png"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -127,21 +132,56 @@ def _logging_keys() -> set[str]:
 
 class PerSAETrainer(MultiSAETrainer):
     """SAE-Lens' multi trainer, each SAE's `SAETrainer` rebuilt with its own learning rate (the end of the schedule
-    keeps the shared lr_end / lr ratio) before anything is loaded or trained."""
+    keeps the shared lr_end / lr ratio) before anything is loaded or trained, and each SAE isolated from the others'
+    divergence: an SAE whose loss is not finite stops training (recorded in `diverged` with the step and the cause)
+    while the rest of the sweep goes on, and it is left out of checkpoints and of the saved sweep."""
 
     def __init__(self, *args: Any, lrs: Mapping[str, float | None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for name, lr in lrs.items():
-            if lr is None:
+            if lr is None or name not in self.trainers:
                 continue
             cfg = self.trainers[name].cfg
             assert cfg.lr_end is not None  # set by SAE-Lens' config
             own = dataclasses.replace(cfg, lr=lr, lr_end=lr * cfg.lr_end / cfg.lr)
             self.trainers[name] = SAETrainer(cfg=own, sae=self.saes[name], data_provider=iter(()))
+        self.diverged: dict[str, dict[str, Any]] = {}
+        for name, per_sae in self.trainers.items():
+            per_sae.step = self._isolated_step(name, per_sae)  # type: ignore[method-assign]
+
+    def _isolated_step(self, name: str, per_sae: SAETrainer[Any, Any]) -> Any:
+        step = per_sae.step
+        last: dict[str, TrainStepOutput] = {}
+
+        def isolated(batch: torch.Tensor) -> TrainStepOutput:
+            if name in self.diverged:  # stopped: SAE-Lens' loop still reads its sample count (the sweep's clock)
+                per_sae.n_training_samples += batch.shape[0]
+                return last["output"]
+            output = last["output"] = step(batch)
+            # Every rank agrees (the SAE's weights are shared): one rank's non-finite loss stops it everywhere.
+            finite = sum_over_ranks(torch.isfinite(output.loss.detach()).float()) == world_size()
+            if not bool(finite):
+                self.diverged[name] = {
+                    "step": per_sae.n_training_steps,
+                    "cause": f"the loss is {float(output.loss.detach()):g} (not finite)",
+                    "architecture": per_sae.sae.cfg.architecture(),
+                    "k": getattr(per_sae.sae.cfg, "k", None),
+                }
+                # SAE-Lens' loop still asks every trainer for its firing statistics: a stopped SAE has none to give.
+                per_sae.maybe_reset_sparsity = per_sae.full_sparsity_window_log = dict  # type: ignore[method-assign]
+                logger.warning("sweep: %s diverged at step %d (%s); the other SAEs go on", name,
+                               per_sae.n_training_steps, self.diverged[name]["cause"])  # fmt: skip
+            return output
+
+        return isolated
+
+    def live_trainers(self) -> dict[str, SAETrainer[Any, Any]]:
+        """The per-SAE trainers of the SAEs that have not diverged."""
+        return {name: per_sae for name, per_sae in self.trainers.items() if name not in self.diverged}
 
 
 def guard_multi_trainer(
-    trainer: MultiSAETrainer, *, skip_nonfinite_rows: bool, guard_state: Mapping[str, int]
+    trainer: MultiSAETrainer, *, skip_nonfinite_rows: bool, guard_state: Mapping[str, Any]
 ) -> FiniteBatches:
     """The multi trainer's `guard_trainer`: every multi-hook batch checked for NaN and inf, checkpoints written
     whole, with finite weights and the data position (see `reliability.guard_trainer`)."""
@@ -158,24 +198,31 @@ def guard_multi_trainer(
     def save_whole_finite_checkpoint(checkpoint_name: str, wandb_aliases: list[str] | None = None) -> None:
         if not is_main():
             return
-        for name, sae in trainer.saes.items():
-            check_finite(sae.state_dict(), f"refusing to save checkpoint {checkpoint_name!r} of {name}")
+        live = trainer.live_trainers() if isinstance(trainer, PerSAETrainer) else trainer.trainers
+        for name, per_sae in live.items():
+            check_finite(per_sae.sae.state_dict(), f"refusing to save checkpoint {checkpoint_name!r} of {name}")
         base = trainer.cfg.checkpoint_path
-        if base is None:
-            save(checkpoint_name=checkpoint_name, wandb_aliases=wandb_aliases)
-            return
-        with atomic_folder(Path(base) / checkpoint_name) as staged:
-            trainer.cfg = dataclasses.replace(trainer.cfg, checkpoint_path=str(staged.parent))
-            try:
+        every = trainer.trainers
+        trainer.trainers = live  # SAE-Lens saves one folder per trainer: a diverged SAE gets none
+        try:
+            if base is None:
                 save(checkpoint_name=checkpoint_name, wandb_aliases=wandb_aliases)
-            finally:
-                trainer.cfg = dataclasses.replace(trainer.cfg, checkpoint_path=base)
-            counts = {
-                "batches_drawn": guard.batches_drawn,
-                "nonfinite_rows_skipped": guard.rows_skipped,
-                "world_size": world_size(),
-            }
-            (staged / GUARD_STATE_FILENAME).write_text(json.dumps(counts) + "\n")
+                return
+            with atomic_folder(Path(base) / checkpoint_name) as staged:
+                trainer.cfg = dataclasses.replace(trainer.cfg, checkpoint_path=str(staged.parent))
+                try:
+                    save(checkpoint_name=checkpoint_name, wandb_aliases=wandb_aliases)
+                finally:
+                    trainer.cfg = dataclasses.replace(trainer.cfg, checkpoint_path=base)
+                counts = {
+                    "batches_drawn": guard.batches_drawn,
+                    "nonfinite_rows_skipped": guard.rows_skipped,
+                    "world_size": world_size(),
+                    DIVERGED_KEY: getattr(trainer, "diverged", {}),
+                }
+                (staged / GUARD_STATE_FILENAME).write_text(json.dumps(counts) + "\n")
+        finally:
+            trainer.trainers = every
 
     trainer.save_checkpoint = save_whole_finite_checkpoint  # type: ignore[method-assign]
     return guard
@@ -189,15 +236,26 @@ def continue_sweep_from_checkpoint(trainer: MultiSAETrainer) -> None:
     trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
 
 
-def check_sweep_checkpoint(path: str | Path, runner_cfg: MultiSAETrainingRunnerConfig) -> dict[str, int]:
-    """`check_checkpoint` for a sweep's checkpoint: one folder per SAE, each of the SAE configured here."""
+def check_sweep_checkpoint(path: str | Path, runner_cfg: MultiSAETrainingRunnerConfig) -> dict[str, Any]:
+    """`check_checkpoint` for a sweep's checkpoint: one folder per SAE, each of the SAE configured here, but for the
+    SAEs that had diverged by then (the guard state's `diverged`: they are not resumed)."""
     path = Path(path)
-    for name, sae_cfg in runner_cfg.saes.items():
-        check_checkpoint(path / name, sae_cfg, has_activations_store=False)
     guard_file = path / GUARD_STATE_FILENAME
     guard_state = json.loads(guard_file.read_text()) if guard_file.exists() else {}
     check_world_size(guard_state, path)
+    for name, sae_cfg in runner_cfg.saes.items():
+        if name not in guard_state.get(DIVERGED_KEY, {}):
+            check_checkpoint(path / name, sae_cfg, has_activations_store=False)
     return guard_state
+
+
+def without_diverged(cfg: MultiSAETrainingRunnerConfig, guard_state: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop from `cfg` the SAEs that a resumed checkpoint records as diverged; returns them (name -> step, cause)."""
+    diverged = dict(guard_state.get(DIVERGED_KEY, {}))
+    if diverged and len(diverged) == len(cfg.saes):
+        raise ValueError(f"every SAE of this sweep had diverged by the checkpoint ({diverged}); nothing to resume")
+    cfg.saes = {name: sae_cfg for name, sae_cfg in cfg.saes.items() if name not in diverged}
+    return diverged
 
 
 def prepare_data_parallel(trainer: MultiSAETrainer) -> None:
@@ -239,6 +297,12 @@ class SweepRunner(MultiSAETrainingRunner):
         with mock.patch.object(runner_module, "MultiSAETrainer", partial(PerSAETrainer, lrs=self.lrs)):
             return super().run()
 
+    @property
+    def diverged(self) -> dict[str, dict[str, Any]]:
+        """The SAEs that diverged (name -> step and cause), in this run or before the checkpoint it resumed."""
+        now = self.trainer.diverged if isinstance(self.trainer, PerSAETrainer) else {}
+        return {**self.guard_state.get(DIVERGED_KEY, {}), **now}
+
     def _run_with_interruption_handling(self, trainer: MultiSAETrainer) -> dict[str, TrainingSAE[Any]]:
         if self.cfg.resume_from_checkpoint is not None:
             continue_sweep_from_checkpoint(trainer)
@@ -256,6 +320,7 @@ class SweepRunner(MultiSAETrainingRunner):
         assert self.cfg.output_path is not None
         if not is_main():
             return
+        saes = trained_saes(saes, self.diverged)
         for name, sae in saes.items():
             check_finite(sae.state_dict(), f"refusing to save the trained SAE {name}")
         output_path = self.cfg.output_path
@@ -265,6 +330,14 @@ class SweepRunner(MultiSAETrainingRunner):
                 super()._save_final_outputs(saes, trainer)
             finally:
                 self.cfg.output_path = output_path
+
+
+def trained_saes(saes: Mapping[str, TrainingSAE[Any]], diverged: Mapping[str, Any]) -> dict[str, TrainingSAE[Any]]:
+    """The SAEs of a sweep that did not diverge; an error naming each cause when none is left."""
+    kept = {name: sae for name, sae in saes.items() if name not in diverged}
+    if not kept:
+        raise ValueError(f"every SAE of the sweep diverged: {dict(diverged)}; lower their learning rates")
+    return kept
 
 
 def heldout_batches_per_hook(
@@ -294,23 +367,29 @@ def heldout_batches_per_hook(
     return {hook: list(torch.cat(acts)[:wanted].split(batch_tokens)) for hook, acts in per_hook.items()}
 
 
-def write_sweep_table(output_path: str | Path, names: Sequence[str]) -> Path:
-    """The sweep's table (Markdown and CSV) and its FVE-vs-L0 plot, from each SAE's training summary; returns the
-    Markdown path."""
+def write_sweep_table(
+    output_path: str | Path, names: Sequence[str], diverged: Mapping[str, Mapping[str, Any]] | None = None
+) -> Path:
+    """The sweep's table (Markdown and CSV) and its FVE-vs-L0 plot, from each SAE's training summary, with a row for
+    each SAE that diverged (its status: the step and the cause; no folder); returns the Markdown path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = Path(output_path)
-    columns = ("SAE", "architecture", "k", "mean_l0", "train_mean_l0", "fve", "dead_fraction")
-    rows = [{"SAE": name, **json.loads((out / name / SUMMARY_FILENAME).read_text())} for name in names]
+    columns = ("SAE", "architecture", "k", "mean_l0", "train_mean_l0", "fve", "dead_fraction", "status")
+    rows = [{"SAE": n, **json.loads((out / n / SUMMARY_FILENAME).read_text()), "status": "trained"} for n in names]
+    failed = [
+        {**d, "SAE": name, "status": f"diverged at step {d['step']}: {d['cause']}; not saved"}
+        for name, d in (diverged or {}).items()
+    ]
     with (out / f"{SWEEP_TABLE}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(rows + failed)
     lines = [
-        f"# Sweep: {len(rows)} SAEs from one pass",
+        f"# Sweep: {len(rows) + len(failed)} SAEs from one pass" + (f", {len(failed)} diverged" if failed else ""),
         "",
         f"FVE and mean L0 on {rows[0].get('eval_data', 'held-out data')}; the training L0 on the last training "
         "batches.",
@@ -318,8 +397,8 @@ def write_sweep_table(output_path: str | Path, names: Sequence[str]) -> Path:
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
     ]
-    for row in rows:
-        cells = [row.get(c) for c in columns]
+    for row in rows + failed:
+        cells = ["" if row.get(c) is None else row[c] for c in columns]
         lines.append("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |")
     (out / f"{SWEEP_TABLE}.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -359,6 +438,7 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
     if cfg.output_path is not None:
         check_replaceable(cfg.output_path)
     guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
+    without_diverged(cfg, guard_state)
     hooks = sorted(set(cfg.hook_names_per_sae.values()))
     model = None
     if is_local_model(cfg.model_name):
@@ -384,7 +464,7 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
             override_dataset=dataset,
             override_saes=_seeded_saes(cfg),
         )
-        saes = runner.run()
+        saes = trained_saes(runner.run(), runner.diverged)
     if cfg.output_path is None or not is_main():
         return saes
     assert runner.trainer is not None
@@ -413,7 +493,7 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
         summary["training_tokens"] = cfg.training_tokens
         summary["nonfinite_rows_skipped"] = runner.guard.rows_skipped if runner.guard else 0
         write_summary(summary, k_hat, Path(cfg.output_path) / name)
-    table = write_sweep_table(cfg.output_path, list(saes))
+    table = write_sweep_table(cfg.output_path, list(saes), runner.diverged)
     print(table.read_text())
     return saes
 
@@ -443,6 +523,7 @@ def train_sweep_on_activations(
         activations, eval_rows = split_heldout(activations, HELDOUT_FRACTION, seed=cfg.seed)
         eval_data = "held out: a random 10% of the activation rows, never trained on"
     guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
+    diverged_before = without_diverged(cfg, guard_state)
     saes = _seeded_saes(cfg)
     stream = batches(activations, cfg.train_batch_size_tokens, seed=cfg.seed, start=guard_state.get("batches_drawn", 0))
     hook = "activations"
@@ -459,6 +540,8 @@ def train_sweep_on_activations(
     guard = guard_multi_trainer(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
     prepare_data_parallel(trainer)
     saes = trainer.fit()
+    diverged = {**diverged_before, **trainer.diverged}
+    saes = trained_saes(saes, diverged)
     if cfg.output_path is None or not is_main():
         return saes
     with atomic_folder(cfg.output_path) as staged:
@@ -472,5 +555,5 @@ def train_sweep_on_activations(
                                          trainer.trainers[name], eval_data=eval_data)  # fmt: skip
         summary["nonfinite_rows_skipped"] = guard.rows_skipped
         write_summary(summary, k_hat, Path(cfg.output_path) / name)
-    print(write_sweep_table(cfg.output_path, list(saes)).read_text())
+    print(write_sweep_table(cfg.output_path, list(saes), diverged).read_text())
     return saes
