@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 import softsae_plugin  # noqa: F401  (registers softsae before any subcommand reads SAE-Lens' registry)
 
 # Subcommand -> (the module whose `main(argv)` runs it, its one-line help). Imported on use: `sae-lens push` need
@@ -41,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     debug = "--debug" in argv
     command, args = argv[0], [arg for arg in argv[1:] if arg != "--debug"]
     try:
-        importlib.import_module(COMMANDS[command][0]).main(args)
+        # Under torchrun, `record` writes the exception where the launcher's failure summary reads it.
+        record(importlib.import_module(COMMANDS[command][0]).main)(args)
     except USER_ERRORS as err:
         if debug:
             raise

@@ -66,3 +66,9 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.detach().clone()
     dist.all_reduce(total)
     return total
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process); it fails after the collective timeout if one never arrives."""
+    if world_size() > 1:
+        dist.barrier()

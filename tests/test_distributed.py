@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,59 @@ def test_a_sweep_trains_data_parallel_like_one_process(activations):
               cwd=activations)  # fmt: skip
     for name in ("soft", "top"):
         assert max_relative_difference(activations / "s1" / name, activations / "s2" / name) < 1e-6, name
+
+
+# Loaded at start-up by every Python process of the run (sitecustomize on PYTHONPATH): on rank 1 only, SAE-Lens'
+# trainer step raises (or hangs, as a process that never closes its connections would) from step INJECT_AT_STEP on.
+FAULT_INJECTION = """
+import importlib.abc, os, sys, time
+if os.environ.get("RANK") == "1":
+    def inject():
+        from sae_lens.training.sae_trainer import SAETrainer
+        step = SAETrainer.step
+        def faulty(self, batch):
+            if self.n_training_steps >= int(os.environ["INJECT_AT_STEP"]):
+                with open(os.environ["INJECT_STAMP"], "w") as f:
+                    f.write(str(time.time()))
+                if os.environ["INJECT_FAULT"] == "hang":
+                    time.sleep(3600)
+                raise RuntimeError(f"injected fault on rank 1 at step {self.n_training_steps}")
+            return step(self, batch)
+        SAETrainer.step = faulty
+    class WhenTheCommandLoads(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "softsae_plugin.cli":
+                sys.meta_path.remove(self)
+                inject()
+            return None
+    sys.meta_path.insert(0, WhenTheCommandLoads())
+"""
+
+
+@pytest.mark.parametrize("fault", ["raise", "hang"])
+def test_a_failing_rank_ends_every_rank_within_a_minute(activations, tmp_path, fault):
+    """A fault on rank 1 at step 5 of 20: an exception ends rank 0 too, with an error naming rank 1 and its error; a
+    rank that hangs without closing its connections ends rank 0 by the collective timeout (15 s here). Either way
+    every rank is gone within 60 s of the fault, and no output folder is written."""
+    (tmp_path / "sitecustomize.py").write_text(FAULT_INJECTION)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+           "INJECT_FAULT": fault, "INJECT_AT_STEP": "5", "INJECT_STAMP": str(tmp_path / "stamp"),
+           "SOFTSAE_COLLECTIVE_TIMEOUT_S": "15"}  # fmt: skip
+    result = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", SAE_LENS, "train", "--architecture", "softsae",
+         "--activations", str(activations / "acts.npy"), *EMBEDDING, "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    ended = time.time()
+    assert result.returncode != 0
+    assert ended - float((tmp_path / "stamp").read_text()) < 60
+    assert not (tmp_path / "out").exists()
+    output = result.stdout + result.stderr
+    if fault == "raise":
+        named = "data-parallel training stopped because rank 1 failed with RuntimeError: injected fault on rank 1 at "
+        assert f"[rank0]: RuntimeError: {named}step 5; rank 0 then failed too" in output, output[-3000:]
+    else:
+        assert "[rank0]:" in output and "imed out" in output, output[-3000:]
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, TRAINER_S
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+from sae_lens.training._interruption import InterruptedException
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -235,6 +236,30 @@ def test_language_model_runner_checks_every_batch(tmp_path):
     assert runner.guard is not None and runner.guard.rows_skipped > 0
     saved = load_file(tmp_path / "out" / SAE_WEIGHTS_FILENAME)
     assert all(bool(torch.isfinite(t).all()) for t in saved.values())
+
+
+@pytest.mark.usefixtures("keep_signal_handlers")
+def test_sigterm_writes_one_whole_resumable_checkpoint(tmp_path):
+    """SIGTERM mid-run (what torchrun sends every rank when one fails): SAE-Lens' handler saves and stops, and what it
+    leaves is one whole checkpoint that a resume accepts (weights, trainer state, data position), not a folder of
+    runner files alone; under torchrun only rank 0 writes it."""
+    runner = tiny_language_model_runner(tmp_path, skip_nonfinite_rows=True)
+    runner.cfg.checkpoint_path = str(tmp_path / "ckpt")
+    calls = []
+
+    def terminate_at_the_sixth_forward(act: torch.Tensor, hook: object) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return act
+
+    runner.model.add_perma_hook("blocks.0.hook_resid_post", terminate_at_the_sixth_forward)
+    with pytest.raises(InterruptedException):
+        runner.run()
+    (checkpoint,) = (tmp_path / "ckpt").iterdir()
+    state = check_checkpoint(checkpoint, runner.cfg.sae, has_activations_store=True)
+    assert state["batches_drawn"] > 0 and (checkpoint / SAE_WEIGHTS_FILENAME).exists()
+    assert not (tmp_path / "out").exists()
 
 
 def guarded_trainer(sae_cfg, checkpoint_path: Path) -> SAETrainer:

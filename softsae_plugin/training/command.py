@@ -34,7 +34,13 @@ DEFAULT_ARGS = ["--log_to_wandb", "false"]
 
 
 def main(argv: Sequence[str]) -> None:
-    """Run `sae-lens train` with the arguments after the command name (see `--help`)."""
+    """Run `sae-lens train` with the arguments after the command name (see `--help`); under torchrun, a failure on
+    one rank is named on every rank (`failures_named_on_every_rank`)."""
+    with data_parallel.failures_named_on_every_rank():
+        _train(argv)
+
+
+def _train(argv: Sequence[str]) -> None:
     own = argparse.ArgumentParser(prog="sae-lens train", add_help=False)
     own.add_argument("--config", help="a YAML file of runner options (see configs/)")
     own.add_argument("--activations", help="train on a file of activation vectors instead of a language model")

@@ -14,9 +14,11 @@ nccl on CUDA. Without torchrun (or with one process) every function here is the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,17 +27,62 @@ from torch import nn
 
 from softsae_plugin.collectives import gather_rows, is_main, rank, sum_over_ranks, world_size
 
+# How long a collective waits for the other ranks before it fails (PyTorch's defaults: 10 min for NCCL, 30 for gloo):
+# a rank lost without closing its connections (a machine gone, a hung process) ends the others within this time.
+# The longest wait in a healthy run is rank 0 writing a checkpoint while the others stand at the barrier after it.
+COLLECTIVE_TIMEOUT_ENV = "SOFTSAE_COLLECTIVE_TIMEOUT_S"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+# The key in the process group's store (PyTorch's rendezvous store) under which the first rank that fails says why.
+FIRST_FAILURE_KEY = "softsae/first_failure"
+
+
+def collective_timeout() -> timedelta:
+    """The collectives' timeout: SOFTSAE_COLLECTIVE_TIMEOUT_S seconds if set, else 5 minutes."""
+    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV, str(DEFAULT_COLLECTIVE_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={value!r} is invalid; expected a positive number of seconds")
+    return timedelta(seconds=seconds)
+
 
 def init_from_environment(device: str) -> int:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA,
-    each CUDA rank on its own GPU (LOCAL_RANK). Returns the world size."""
+    each CUDA rank on its own GPU (LOCAL_RANK), with an explicit collective timeout (`collective_timeout`). Returns
+    the world size."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size > 1 and not dist.is_initialized():
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=collective_timeout())
     return world_size()
+
+
+@contextmanager
+def failures_named_on_every_rank() -> Iterator[None]:
+    """Run the block so that a failure on one data-parallel rank is named on every rank: the first rank to fail
+    records its rank and error in the process group's store; a rank that fails after it (its collectives broken by
+    the lost peer, or timed out) raises an error that names that rank and its error, chained to its own. One
+    process, or before the process group exists: the block runs as is."""
+    try:
+        yield
+    except Exception as error:
+        if world_size() == 1:
+            raise
+        store = dist.distributed_c10d._get_default_store()
+        mine = f"rank {rank()} failed with {type(error).__name__}: {_first_line(error)}"
+        # compare_set writes only where the key is absent (expected ""), and returns the value the key now holds.
+        first = store.compare_set(FIRST_FAILURE_KEY, "", mine).decode()
+        if first == mine:
+            raise
+        raise RuntimeError(f"data-parallel training stopped because {first}; rank {rank()} then failed too") from error
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip() or "no message").splitlines()[0][:300]
 
 
 def local_device(device: str) -> str:

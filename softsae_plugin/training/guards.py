@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from softsae_plugin.checks import check_finite
-from softsae_plugin.collectives import is_main, world_size
+from softsae_plugin.collectives import barrier, is_main, world_size
 
 GUARD_STATE_FILENAME = "softsae_guard_state.json"
 # A batch of activations: one tensor, or (a sweep's) one tensor per hook, for the same tokens.
@@ -174,8 +175,11 @@ def guard_trainer(
     def save_whole_finite_checkpoint(
         checkpoint_name: str, base_path: Path | str | None = None, wandb_aliases: list[str] | None = None
     ) -> None:
-        if not is_main():
-            return
+        with rank_zero_writes():
+            if is_main():
+                write(checkpoint_name, base_path, wandb_aliases)
+
+    def write(checkpoint_name: str, base_path: Path | str | None, wandb_aliases: list[str] | None) -> None:
         check_finite(
             trainer.sae.state_dict(),
             f"refusing to save checkpoint {checkpoint_name!r} at training step {trainer.n_training_steps}",
@@ -195,6 +199,17 @@ def guard_trainer(
 
     trainer.save_checkpoint = save_whole_finite_checkpoint  # type: ignore[method-assign]
     return guard
+
+
+@contextmanager
+def rank_zero_writes() -> Iterator[None]:
+    """Around a checkpoint that rank 0 writes while every rank calls the save: the ranks wait for each other after
+    it, so none runs ahead of a checkpoint still being written (and a rank 0 that fails while writing ends the
+    others by the collective timeout at the latest). Not while an exception is being handled: SAE-Lens saves from
+    its SIGTERM / Ctrl-C handler on each rank, which need not all be there."""
+    yield
+    if sys.exc_info()[1] is None:
+        barrier()
 
 
 def _read_safely(file: Path, action: str, remedy: str) -> Any:

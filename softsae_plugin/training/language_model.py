@@ -5,6 +5,7 @@ that `sae-lens train` adds to every run.
 from __future__ import annotations
 
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,6 +87,17 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
         self.trainer = trainer
         with fit_quietly_and_in_order(trainer):
             return super().run_trainer_with_interruption_handling(trainer=trainer)
+
+    @override
+    def save_checkpoint(self, checkpoint_path: Path | None) -> None:
+        """SAE-Lens' runner files (the store's position, the runner config) inside a checkpoint folder the trainer is
+        writing; called by SAE-Lens' SIGTERM / Ctrl-C handler with a new folder instead, it writes one whole
+        resumable checkpoint (weights, trainer state, data position) from rank 0, and nothing from the other ranks
+        (SAE-Lens' own would be a folder without weights on every rank)."""
+        if checkpoint_path is None or checkpoint_path.exists() or self.trainer is None:
+            super().save_checkpoint(checkpoint_path)
+        elif is_main():
+            self.trainer.save_checkpoint(checkpoint_name=checkpoint_path.name)
 
     @override
     def save_final_sae(

@@ -57,6 +57,7 @@ from softsae_plugin.training.guards import (
     check_replaceable,
     check_world_size,
     continue_from_checkpoint,
+    rank_zero_writes,
 )
 from softsae_plugin.training.runs import local_sources_quietly, with_run_length
 from softsae_plugin.training.summary import SUMMARY_FILENAME, summarise_saved, write_summary
@@ -196,8 +197,11 @@ def guard_multi_trainer(
     save = trainer.save_checkpoint
 
     def save_whole_finite_checkpoint(checkpoint_name: str, wandb_aliases: list[str] | None = None) -> None:
-        if not is_main():
-            return
+        with rank_zero_writes():
+            if is_main():
+                write(checkpoint_name, wandb_aliases)
+
+    def write(checkpoint_name: str, wandb_aliases: list[str] | None) -> None:
         live = trainer.live_trainers() if isinstance(trainer, PerSAETrainer) else trainer.trainers
         for name, per_sae in live.items():
             check_finite(per_sae.sae.state_dict(), f"refusing to save checkpoint {checkpoint_name!r} of {name}")
