@@ -57,6 +57,10 @@ def test_two_ranks_with_half_batches_train_the_weights_of_one_process(activation
     assert max_relative_difference(activations / "one", activations / "two") < 1e-6
     one_summary, two_summary = (json.loads((activations / d / SUMMARY_FILENAME).read_text()) for d in ("one", "two"))
     assert one_summary["train_mean_l0"] == pytest.approx(two_summary["train_mean_l0"], rel=1e-9)
+    # The run's global numbers, not one rank's share.
+    scale = {"train_batch_size_tokens": 128, "training_tokens": 20 * 128}
+    assert {**scale, "world_size": 1}.items() <= one_summary.items()
+    assert {**scale, "world_size": 2}.items() <= two_summary.items()
     assert two.stdout.count("architecture ") == 1, "only rank 0 prints the summary"
     (checkpoint,) = (activations / "ckpt").glob("*/*")
     assert json.loads((checkpoint / "softsae_guard_state.json").read_text())["world_size"] == 2
@@ -153,4 +157,8 @@ def test_torchrun_trains_on_smollm2_like_one_process(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "one", "two"]
     one, two = (json.loads((tmp_path / d / SUMMARY_FILENAME).read_text()) for d in ("one", "two"))
     assert two["n_eval_inputs"] == one["n_eval_inputs"]
+    scale = {"train_batch_size_tokens": 512, "training_tokens": 100 * 512}
+    assert {**scale, "world_size": 2}.items() <= two.items()
+    runner_cfg = json.loads((tmp_path / "two" / "runner_cfg.json").read_text())
+    assert {**scale, "world_size": 2, "output_path": "two"}.items() <= runner_cfg.items()
     assert abs(two["fve"] - one["fve"]) < 0.01, (one["fve"], two["fve"])

@@ -80,6 +80,8 @@ def test_a_language_model_sweep_from_one_pass_checkpoints_and_resumes(tmp_path):
     for noise in ("fewer samples", "will override", "overrides cfg", "copy construct from a tensor"):
         assert noise not in run.stderr, noise
     (checkpoint,) = [p for p in (tmp_path / "ckpt").glob("*/*") if p.is_dir()]
+    runner_cfg = json.loads((tmp_path / "out" / "runner_cfg.json").read_text())
+    assert runner_cfg["output_path"] == str(tmp_path / "out") and runner_cfg["world_size"] == 1  # not the staging path
     for name, lr in (("softsae-k8", 0.001), ("topk-k8", 0.0005)):
         assert SAE.load_from_disk(tmp_path / "out" / name).cfg.metadata.hook_name == "blocks.1.hook_resid_post"
         summary = json.loads((tmp_path / "out" / name / SUMMARY_FILENAME).read_text())

@@ -14,15 +14,18 @@ nccl on CUDA. Without torchrun (or with one process) every function here is the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from sae_lens.constants import RUNNER_CFG_FILENAME
 from torch import nn
 
 from softsae_plugin.collectives import gather_rows, is_main, rank, sum_over_ranks, world_size
@@ -129,6 +132,24 @@ def split_over_ranks(cfg: Any, skip_nonfinite_rows: bool = False) -> bool:
     if not is_main():
         cfg.logger.log_to_wandb = False
     return True
+
+
+def global_scale(per_rank_batch: int, per_rank_samples: int) -> dict[str, int]:
+    """The run's scale as summaries and saved configs record it: the world size, and the global batch size and number
+    of training samples (tokens, or vectors on the embedding path): each rank's share times the world size."""
+    size = world_size()
+    return {
+        "world_size": size,
+        "train_batch_size_tokens": per_rank_batch * size,
+        "training_tokens": per_rank_samples * size,
+    }
+
+
+def write_runner_config(cfg: Any, folder: Path) -> None:
+    """Write SAE-Lens' runner config file into `folder` as the run's, not this rank's: the global batch size and
+    token count (under torchrun the config holds this rank's share) and the world size."""
+    data = {**cfg.to_dict(), **global_scale(cfg.train_batch_size_tokens, cfg.training_tokens)}
+    (folder / RUNNER_CFG_FILENAME).write_text(json.dumps(data))
 
 
 def shard(batch: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,7 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
         check_finite(sae.state_dict(), f"refusing to save the trained SAE to {output_path}")
         with atomic_folder(output_path) as staged:
             super().save_final_sae(sae=sae, output_path=str(staged), log_feature_sparsity=log_feature_sparsity)
+            data_parallel.write_runner_config(self.cfg, staged)
 
 
 def run_llm_training(
@@ -195,7 +196,7 @@ def run_llm_training(
         n_eval = SUMMARY_BATCHES * world_size()
         summary, k_hat = summarise_saved(cfg.output_path, islice(eval_batches, n_eval), runner.trainer,
                                          eval_data=eval_data)  # fmt: skip
-    summary["training_tokens"] = cfg.training_tokens
+    summary.update(data_parallel.global_scale(cfg.train_batch_size_tokens, cfg.training_tokens))
     summary["nonfinite_rows_skipped"] = runner.guard.rows_skipped if runner.guard else 0
     write_summary(summary, k_hat, cfg.output_path)
     print_summary(summary)

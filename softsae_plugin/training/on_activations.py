@@ -189,6 +189,7 @@ def train_with_trainer_config(
         summary, k_hat = {"eval_data": f"none ({err})", **training_statistics(trainer)}, None
         print(f"train_on_activations: saved the SAE to {output_path}, but measured no held-out data: {err}")
     summary["nonfinite_rows_skipped"] = guard.rows_skipped
+    summary.update(data_parallel.global_scale(trainer.cfg.train_batch_size_samples, trainer.cfg.total_training_samples))
     write_summary(summary, k_hat, output_path)
     if progress and "fve" in summary:
         print_summary(summary)

@@ -41,6 +41,7 @@ from softsae_plugin.collectives import is_main, sum_over_ranks, world_size
 from softsae_plugin.training.data_parallel import (
     data_parallel,
     global_batches,
+    global_scale,
     init_from_environment,
     load_shard,
     local_device,
@@ -48,6 +49,7 @@ from softsae_plugin.training.data_parallel import (
     shard,
     shard_dataset,
     split_over_ranks,
+    write_runner_config,
 )
 from softsae_plugin.training.guards import (
     GUARD_STATE_FILENAME,
@@ -334,6 +336,7 @@ class SweepRunner(MultiSAETrainingRunner):
                 super()._save_final_outputs(saes, trainer)
             finally:
                 self.cfg.output_path = output_path
+            write_runner_config(self.cfg, staged)  # the real output path, and the run's global numbers
 
 
 def trained_saes(saes: Mapping[str, TrainingSAE[Any]], diverged: Mapping[str, Any]) -> dict[str, TrainingSAE[Any]]:
@@ -494,7 +497,7 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
     for name in saes:
         summary, k_hat = summarise_saved(Path(cfg.output_path) / name, per_hook[cfg.hook_names_per_sae[name]],
                                          runner.trainer.trainers[name], eval_data=eval_data)  # fmt: skip
-        summary["training_tokens"] = cfg.training_tokens
+        summary.update(global_scale(cfg.train_batch_size_tokens, cfg.training_tokens))
         summary["nonfinite_rows_skipped"] = runner.guard.rows_skipped if runner.guard else 0
         write_summary(summary, k_hat, Path(cfg.output_path) / name)
     table = write_sweep_table(cfg.output_path, list(saes), runner.diverged)
@@ -558,6 +561,7 @@ def train_sweep_on_activations(
         summary, k_hat = summarise_saved(Path(cfg.output_path) / name, eval_rows.split(cfg.train_batch_size_tokens),
                                          trainer.trainers[name], eval_data=eval_data)  # fmt: skip
         summary["nonfinite_rows_skipped"] = guard.rows_skipped
+        summary.update(global_scale(trainer.cfg.train_batch_size_samples, trainer.cfg.total_training_samples))
         write_summary(summary, k_hat, Path(cfg.output_path) / name)
     print(write_sweep_table(cfg.output_path, list(saes), diverged).read_text())
     return saes
