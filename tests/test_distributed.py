@@ -45,12 +45,16 @@ def activations(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("architecture", ["softsae", "topk"])
+@pytest.mark.parametrize(
+    "architecture",
+    ["softsae", "topk", "topk --normalize_activations covariance_whitening"],
+    ids=["softsae", "topk", "topk-whitened"],
+)
 def test_two_ranks_with_half_batches_train_the_weights_of_one_process(activations, architecture):
     """2 gloo ranks, each with half of every global batch, against one process with the whole batch: the same
     weights after 20 steps to float64 rounding (gradients averaged by DDP; softsae's constraint and L0 calibration,
-    the norm estimate, b_dec's initialisation and the firing counters over the global batch)."""
-    args = ["--architecture", architecture, "--activations", "acts.npy", *EMBEDDING]
+    the norm estimate or the whitening, b_dec's initialisation and the firing counters over the global batch)."""
+    args = ["--architecture", *architecture.split(), "--activations", "acts.npy", *EMBEDDING]
     train(*args, "--output_path", "one", cwd=activations)
     two = train(*args, "--output_path", "two", "--checkpoint_path", "ckpt", "--n_checkpoints", "1", ranks=2,
                 cwd=activations)  # fmt: skip
@@ -138,6 +142,22 @@ def test_a_failing_rank_ends_every_rank_within_a_minute(activations, tmp_path, f
         assert f"[rank0]: RuntimeError: {named}step 5; rank 0 then failed too" in output, output[-3000:]
     else:
         assert "[rank0]:" in output and "imed out" in output, output[-3000:]
+
+
+def test_rank_zero_fetches_first_and_the_others_after_it(tmp_path):
+    """`main_rank_first` (around model and dataset loading): rank 1 enters the block only once rank 0 has left it."""
+    (tmp_path / "order.py").write_text(
+        "import json, os, sys, time\n"
+        "from softsae_plugin.training.data_parallel import init_from_environment, main_rank_first\n"
+        "init_from_environment('cpu')\n"
+        "with main_rank_first():\n"
+        "    start = time.time(); time.sleep(1.0); end = time.time()\n"
+        "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').write(json.dumps([start, end]))\n"
+    )
+    subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(tmp_path / "order.py"), str(tmp_path)],
+                   check=True, capture_output=True, timeout=300, env=ENV)  # fmt: skip
+    (_, end_0), (start_1, _) = (json.loads((tmp_path / rank).read_text()) for rank in ("0", "1"))
+    assert start_1 >= end_0
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from sae_lens.constants import RUNNER_CFG_FILENAME
 from torch import nn
 
-from softsae_plugin.collectives import gather_rows, is_main, rank, sum_over_ranks, world_size
+from softsae_plugin.collectives import barrier, gather_rows, is_main, rank, sum_over_ranks, world_size
 
 # How long a collective waits for the other ranks before it fails (PyTorch's defaults: 10 min for NCCL, 30 for gloo):
 # a rank lost without closing its connections (a machine gone, a hung process) ends the others within this time.
@@ -86,6 +86,17 @@ def failures_named_on_every_rank() -> Iterator[None]:
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip() or "no message").splitlines()[0][:300]
+
+
+@contextmanager
+def main_rank_first() -> Iterator[None]:
+    """Run the block on rank 0 first and on the other ranks once it is done (a barrier between): a model or dataset
+    it downloads, or a cache it builds, is then read by the others instead of fetched by every rank at once."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
 
 
 def local_device(device: str) -> str:

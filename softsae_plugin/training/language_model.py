@@ -131,52 +131,56 @@ def run_llm_training(
     guard_state: dict[str, int] = {}
     if cfg.resume_from_checkpoint is not None:
         guard_state = check_checkpoint(cfg.resume_from_checkpoint, cfg.sae, has_activations_store=True)
-    override_model = None
-    if is_local_model(cfg.model_name):
-        # Build only the blocks up to the hook: SAE-Lens' activation store stops there too.
-        override_model = load_local_model(
-            cfg.model_name,
-            first_n_layers=extract_stop_at_layer_from_tlens_hook_name(cfg.hook_name),
-            device=cfg.llm_device,
-        )
-    override_dataset = None
-    if cfg.dataset_path == LOCAL_TEXT_ID:
-        if override_model is None:
-            raise ValueError(
-                f"dataset_path={LOCAL_TEXT_ID!r} needs a local model_name (e.g. smollm2-135m-instruct-q4_1)"
+    # Rank 0 downloads and caches first; the others then read what it fetched.
+    with data_parallel.main_rank_first():
+        override_model = None
+        if is_local_model(cfg.model_name):
+            # Build only the blocks up to the hook: SAE-Lens' activation store stops there too.
+            override_model = load_local_model(
+                cfg.model_name,
+                first_n_layers=extract_stop_at_layer_from_tlens_hook_name(cfg.hook_name),
+                device=cfg.llm_device,
             )
-        override_dataset = tokenized_english_text(
-            override_model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train"
-        )
-        cfg.is_dataset_tokenized = True
-        override_dataset = data_parallel.shard_dataset(override_dataset)
-        text_tokens = len(override_dataset) * cfg.context_size
-        print(
-            f"{LOCAL_TEXT_ID}: {text_tokens:,} tokens of training text (every {HELDOUT_EVERY}th paragraph held out) "
-            f"for {cfg.training_tokens:,} training tokens"
-            + (
-                f" ({cfg.training_tokens / text_tokens:.1f} passes over it)"
-                if cfg.training_tokens > text_tokens
-                else ""
+        override_dataset = None
+        if cfg.dataset_path == LOCAL_TEXT_ID:
+            if override_model is None:
+                raise ValueError(
+                    f"dataset_path={LOCAL_TEXT_ID!r} needs a local model_name (e.g. smollm2-135m-instruct-q4_1)"
+                )
+            override_dataset = tokenized_english_text(
+                override_model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train"
             )
-        )
+            cfg.is_dataset_tokenized = True
+            override_dataset = data_parallel.shard_dataset(override_dataset)
+            text_tokens = len(override_dataset) * cfg.context_size
+            print(
+                f"{LOCAL_TEXT_ID}: {text_tokens:,} tokens of training text "
+                f"(every {HELDOUT_EVERY}th paragraph held out) "
+                f"for {cfg.training_tokens:,} training tokens"
+                + (
+                    f" ({cfg.training_tokens / text_tokens:.1f} passes over it)"
+                    if cfg.training_tokens > text_tokens
+                    else ""
+                )
+            )
+        if override_dataset is None and world_size() > 1:  # each rank streams its own shard of the text
+            override_dataset = data_parallel.load_shard(
+                cfg.dataset_path, streaming=cfg.streaming, trust_remote_code=cfg.dataset_trust_remote_code
+            )
     # SAE-Lens' runner never seeds torch: its SAE initialisation and its shuffle buffer's permutations would follow
     # whatever ran before in the process. Seeded here, after the model is built, a run is the same for the same
     # --seed, and a resumed run's replay (exact_resume) draws the same permutations.
-    if override_dataset is None and world_size() > 1:  # each rank streams its own shard of the text
-        override_dataset = data_parallel.load_shard(
-            cfg.dataset_path, streaming=cfg.streaming, trust_remote_code=cfg.dataset_trust_remote_code
-        )
     torch.manual_seed(cfg.seed)
     with local_sources_quietly(override_model is not None, override_dataset is not None):
-        runner = _GuardedRunner(
-            cfg,
-            skip_nonfinite_rows=skip_nonfinite_rows,
-            guard_state=guard_state,
-            exact_resume=exact_resume,
-            override_dataset=override_dataset,
-            override_model=override_model,
-        )
+        with data_parallel.main_rank_first():  # SAE-Lens' runner loads what the overrides do not give it
+            runner = _GuardedRunner(
+                cfg,
+                skip_nonfinite_rows=skip_nonfinite_rows,
+                guard_state=guard_state,
+                exact_resume=exact_resume,
+                override_dataset=override_dataset,
+                override_model=override_model,
+            )
         sae = runner.run()
         if cfg.output_path is None or not is_main():
             return sae

@@ -68,18 +68,25 @@ def _quiet_bars() -> Iterator[None]:
 
 @contextmanager
 def fit_quietly_and_in_order(trainer: SAETrainer[Any, Any], *, progress: bool = True) -> Iterator[None]:
-    """Prepare `trainer` for its `fit()`, run inside the block: the activation scale is estimated first (SAE-Lens'
-    own estimate, on the same batches `fit` would take, so results are unchanged; the global batches under
+    """Prepare `trainer` for its `fit()`, run inside the block: the activation scale or whitening is estimated first
+    (SAE-Lens' own estimate, on the same batches `fit` would take, so results are unchanged; the global batches under
     data-parallel training), so that its progress bar does not nest inside the training bar; with `progress=False`
     (and on every rank but the first) neither bar is drawn."""
     with ExitStack() as stack:
         if not progress or not is_main():
             stack.enter_context(_quiet_bars())
-        if trainer.sae.cfg.normalize_activations == "expected_average_only_in" and (
-            trainer.activation_scaler.scaling_factor is None
-        ):
-            with global_batches(trainer):  # every rank estimates on the global batches
-                trainer.activation_scaler.estimate_scaling_factor(
+        scaler, normalisation = trainer.activation_scaler, trainer.sae.cfg.normalize_activations
+        # Every rank estimates on the global batches, so every rank trains and folds the same statistics.
+        if normalisation == "expected_average_only_in" and scaler.scaling_factor is None:
+            with global_batches(trainer):
+                scaler.estimate_scaling_factor(
+                    d_in=trainer.sae.cfg.d_in,
+                    data_provider=trainer.data_provider,
+                    n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
+                )
+        elif normalisation == "covariance_whitening" and scaler.whitening is None:
+            with global_batches(trainer):
+                scaler.estimate_whitening(
                     d_in=trainer.sae.cfg.d_in,
                     data_provider=trainer.data_provider,
                     n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,

@@ -45,6 +45,7 @@ from softsae_plugin.training.data_parallel import (
     init_from_environment,
     load_shard,
     local_device,
+    main_rank_first,
     per_rank,
     shard,
     shard_dataset,
@@ -447,30 +448,36 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
     guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
     without_diverged(cfg, guard_state)
     hooks = sorted(set(cfg.hook_names_per_sae.values()))
-    model = None
-    if is_local_model(cfg.model_name):
-        deepest = max(extract_stop_at_layer_from_tlens_hook_name(hook) or 0 for hook in hooks)
-        model = load_local_model(cfg.model_name, first_n_layers=deepest or None, device=cfg.llm_device)
-    dataset = None
-    if cfg.dataset_path == LOCAL_TEXT_ID:
-        if model is None:
-            raise ValueError(
-                f"dataset_path={LOCAL_TEXT_ID!r} needs a local model_name (e.g. smollm2-135m-instruct-q4_1)"
+    with main_rank_first():  # rank 0 downloads and caches first; the others then read what it fetched
+        model = None
+        if is_local_model(cfg.model_name):
+            deepest = max(extract_stop_at_layer_from_tlens_hook_name(hook) or 0 for hook in hooks)
+            model = load_local_model(cfg.model_name, first_n_layers=deepest or None, device=cfg.llm_device)
+        dataset = None
+        if cfg.dataset_path == LOCAL_TEXT_ID:
+            if model is None:
+                raise ValueError(
+                    f"dataset_path={LOCAL_TEXT_ID!r} needs a local model_name (e.g. smollm2-135m-instruct-q4_1)"
+                )
+            dataset = tokenized_english_text(
+                model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train"
             )
-        dataset = tokenized_english_text(model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train")
-        dataset = shard_dataset(dataset)
-    elif world_size() > 1:  # each rank streams its own shard of the text
-        dataset = load_shard(cfg.dataset_path, streaming=cfg.streaming, trust_remote_code=cfg.dataset_trust_remote_code)
+            dataset = shard_dataset(dataset)
+        elif world_size() > 1:  # each rank streams its own shard of the text
+            dataset = load_shard(
+                cfg.dataset_path, streaming=cfg.streaming, trust_remote_code=cfg.dataset_trust_remote_code
+            )
     with local_sources_quietly(model is not None, dataset is not None):
-        runner = SweepRunner(
-            cfg,
-            lrs=sweep.lrs,
-            skip_nonfinite_rows=skip_nonfinite_rows,
-            guard_state=guard_state,
-            override_model=model,
-            override_dataset=dataset,
-            override_saes=_seeded_saes(cfg),
-        )
+        with main_rank_first():  # SAE-Lens' runner loads what the overrides do not give it
+            runner = SweepRunner(
+                cfg,
+                lrs=sweep.lrs,
+                skip_nonfinite_rows=skip_nonfinite_rows,
+                guard_state=guard_state,
+                override_model=model,
+                override_dataset=dataset,
+                override_saes=_seeded_saes(cfg),
+            )
         saes = trained_saes(runner.run(), runner.diverged)
     if cfg.output_path is None or not is_main():
         return saes
