@@ -1,4 +1,4 @@
-"""The experiment framework that eval/'s commands share (`reproduce.py`, `study.py`).
+"""The experiment framework that eval/'s commands share (`reproduce.py`, `study.py`, the benchmarks).
 
     stages       resumable stages: a result saved with its inputs and read back instead of rerun, the checkpoints
                  a stage cut short resumes from, the wall time of each
@@ -7,6 +7,7 @@
     activations  activations to train on: embeddings, SAE-Lens' activation cache, synthetic inputs, SmolLM2's
     training     training SAEs: one on activations in memory, a set at the learning rates their own sweeps pick
     measures     what is measured on trained SAEs: matched FVE, loss recovered, adaptivity, training curves
+    timing       wall time and peak memory of a call, and the machine it runs on
     plots        the figures two commands draw alike
     tables       numbers and rows as the reports and result files write them
 

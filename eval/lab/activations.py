@@ -1,5 +1,5 @@
 """Activations to train SAEs on: sentence embeddings, SAE-Lens' activation cache of SmolLM2-135M and what is read
-back from it, and synthetic inputs of a known number of directions."""
+back from it, SmolLM2 activations in memory, and synthetic inputs of a known number of directions."""
 
 from __future__ import annotations
 
@@ -123,6 +123,30 @@ def spread_sample(cache: Path, hook: str, n: int, special: list[int]) -> torch.T
     rows = torch.linspace(0, len(data) - 1, max(1, n // context_size + 1)).long().tolist()
     sample = cached_activations(cache, hook, special, rows)
     return sample["acts"][sample["keep"]][:n]
+
+
+def smollm2_activations(n_tokens: int, hook: str) -> torch.Tensor:
+    """Residual-stream activations of SmolLM2-135M on offline English Wikipedia, special tokens left out.
+
+    Built offline from installed packages (see softsae_plugin.smollm2 and softsae_plugin.text), in document
+    order: the first rows and the last rows come from different paragraphs.
+    """
+    from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+    from tqdm.auto import tqdm
+
+    from softsae_plugin.smollm2 import load_smollm2
+    from softsae_plugin.text import tokenized_english_text
+
+    layers = extract_stop_at_layer_from_tlens_hook_name(hook)
+    model = load_smollm2(first_n_layers=layers)
+    tokens = tokenized_english_text(model.tokenizer, 128)["input_ids"][: math.ceil(n_tokens / 128)]
+    special = torch.tensor(model.tokenizer.all_special_ids)
+    chunks = []
+    with torch.no_grad():
+        for batch in tqdm(tokens.split(16), desc="SmolLM2 activations", unit="batch"):
+            _, cache = model.run_with_cache(batch, names_filter=hook, stop_at_layer=layers)
+            chunks.append(cache[hook][~torch.isin(batch, special)].float())
+    return torch.cat(chunks)
 
 
 def synthetic_activations(

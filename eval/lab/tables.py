@@ -1,5 +1,5 @@
-"""Numbers and rows as the reports and result files write them: fixed-point cells, links, CSV files and
-the JSON of a report's numbers."""
+"""Numbers and rows as the reports and result files write them: fixed-point cells, links, Markdown tables, CSV
+files and the JSON of a report's numbers."""
 
 from __future__ import annotations
 
@@ -27,6 +27,19 @@ def link(path: Path, report: Path) -> str:
 def md_cell(text: str) -> str:
     """`text` as one Markdown table cell: pipes escaped, on one line."""
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table, followed by an empty line: floats to 3 significant digits (whole numbers from 100)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "nan" if math.isnan(value) else f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return [*lines, ""]
 
 
 def write_csv(
