@@ -46,7 +46,14 @@ from typing import Any
 
 import torch
 from lab.activations import cache_activations, cached_activations, embed_texts, spread_sample, synthetic_activations
-from lab.measures import dictionary_recovery, lm_adaptivity, loss_recovered, sentence_adaptivity, spearman
+from lab.measures import (
+    dictionary_recovery,
+    heldout_summary,
+    lm_adaptivity,
+    loss_recovered,
+    sentence_adaptivity,
+    spearman,
+)
 from lab.saes import ARCHITECTURES, sae_config
 from lab.tables import results_json
 from lab.text import english_sentences
@@ -155,8 +162,7 @@ def train_embedding_run(
         window=max(scale.emb_steps // 4, 10),
         norm_batches=min(20, scale.emb_steps),
     )
-    summary, k_hat = summarise(inference, [data["heldout"]])
-    summary["train_mean_l0"] = summarise(inference, [data["train"][: len(data["heldout"])]])[0]["mean_l0"]
+    summary, k_hat = heldout_summary(inference, data["heldout"], data["train"][: len(data["heldout"])])
     return {
         "arch": arch,
         "k": k,
@@ -164,7 +170,7 @@ def train_embedding_run(
         "seconds": seconds,
         "overrides": overrides,
         "summary": summary,
-        "k_hat": None if k_hat is None else k_hat.numpy(),
+        "k_hat": k_hat,
         "sae": inference,
     }
 
@@ -302,9 +308,7 @@ def run_lm_setting(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
     train_acts = spread_sample(work / "lm_cache_train" / "cache", hook_name, int(keep.sum()), special)
 
     def measured(run: dict[str, Any]) -> dict[str, Any]:
-        run["summary"], k_hat = summarise(run["sae"], [acts[keep]])
-        run["summary"]["train_mean_l0"] = summarise(run["sae"], [train_acts])[0]["mean_l0"]
-        run["k_hat"] = None if k_hat is None else k_hat.numpy()
+        run["summary"], run["k_hat"] = heldout_summary(run["sae"], acts[keep], train_acts)
         return run
 
     sweep_k = scale.lm_ks[len(scale.lm_ks) // 2]

@@ -19,6 +19,15 @@ from .saes import k_hat_of
 from .stages import numbered_checkpoints
 
 
+def heldout_summary(sae: Any, heldout: torch.Tensor, train_sample: torch.Tensor) -> tuple[dict, np.ndarray | None]:
+    """`softsae_plugin.summary.summarise` of `sae` on held-out inputs, with the mean L0 on as many training inputs
+    beside it ("train_mean_l0": the L0 SoftSAE's hard phase calibrates), and SoftSAE's k_hat per held-out input (None
+    for the other architectures)."""
+    summary, k_hat = summarise(sae, [heldout])
+    summary["train_mean_l0"] = summarise(sae, [train_sample])[0]["mean_l0"]
+    return summary, None if k_hat is None else k_hat.numpy()
+
+
 def matched_fve(l0: float, ref_l0s: Sequence[float], ref_fves: Sequence[float]) -> tuple[float, bool]:
     """The reference's FVE at `l0`, linearly interpolated on its own (L0, FVE) sweep; True when extrapolated.
 
