@@ -15,7 +15,6 @@ ranks: one SoftSAE on the same tokens with 1 process and under `torchrun --nproc
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -26,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from lab import REPO
+from lab.plots import pyplot
+from lab.tables import write_csv
+from lab.timing import load_averages
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "eval" / "results"
+RESULTS = REPO / "eval" / "results"
 BIN = Path(sys.executable).parent
 PREFIX = "bench_scaling"
 SWEEP_GOAL = 3.0
@@ -150,17 +152,10 @@ def bench_ranks(tokens: int, work: Path, env: dict[str, str], warm: int) -> list
 
 def write(results: dict[str, list[dict[str, Any]]], info: dict[str, Any], out: Path) -> str:
     """CSV per section, a PNG of throughput, and the Markdown summary (returned)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     for section, rows in results.items():
-        with (out / f"{PREFIX}_{section}.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(out / f"{PREFIX}_{section}.csv", rows, sorted({k for r in rows for k in r}))
     lines = [f"Machine: {info['cpu_count']} cores, load average at start {info['load']}; torch threads per process: "
              f"{info['threads']}.", ""]  # fmt: skip
     if "sweep" in results:
@@ -222,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    info = {"cpu_count": os.cpu_count(), "load": [round(v, 2) for v in os.getloadavg()],
+    info = {"cpu_count": os.cpu_count(), "load": load_averages(),
             "threads": env.get("OMP_NUM_THREADS", "torch default (torchrun: 1 per rank)")}  # fmt: skip
     tokens = 8 * 1024 if args.quick else 60 * 1024
     results: dict[str, list[dict[str, Any]]] = {}

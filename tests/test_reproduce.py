@@ -1,6 +1,6 @@
-"""eval/reproduce.py (issue 6): its pure helpers, and the whole command at its smoke-test scale."""
+"""eval/reproduce.py (issue 6): the pure helpers it takes from eval/lab, and the whole command at its smoke-test
+scale."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,29 +13,24 @@ import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "eval" / "reproduce.py"
 ARCHITECTURES = ("softsae", "topk", "batchtopk", "matryoshka_batchtopk")
+sys.path.insert(0, str(SCRIPT.parent))  # eval/, as when the command runs: its framework `lab` and its modules
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-reproduce = _load_script()
+import reproduce  # noqa: E402
+from lab.activations import synthetic_activations  # noqa: E402
+from lab.measures import dictionary_recovery, matched_fve  # noqa: E402
+from lab.text import split_sentences  # noqa: E402
 
 
 def test_matched_fve_interpolates_inside_the_sweep():
-    fve, extrapolated = reproduce.matched_fve(15.0, [20.0, 10.0, 40.0], [0.8, 0.7, 0.9])
+    fve, extrapolated = matched_fve(15.0, [20.0, 10.0, 40.0], [0.8, 0.7, 0.9])
     assert fve == pytest.approx(0.75) and not extrapolated
-    assert reproduce.matched_fve(10.0, [10.0, 20.0], [0.7, 0.8]) == (pytest.approx(0.7), False)
+    assert matched_fve(10.0, [10.0, 20.0], [0.7, 0.8]) == (pytest.approx(0.7), False)
 
 
 def test_matched_fve_extends_the_nearest_segment_outside_the_sweep():
     # np.interp would clamp to 0.7 and 0.9; the nearest segment's line is extended instead.
-    below, flagged_below = reproduce.matched_fve(5.0, [10.0, 20.0, 40.0], [0.7, 0.8, 0.9])
-    above, flagged_above = reproduce.matched_fve(60.0, [10.0, 20.0, 40.0], [0.7, 0.8, 0.9])
+    below, flagged_below = matched_fve(5.0, [10.0, 20.0, 40.0], [0.7, 0.8, 0.9])
+    above, flagged_above = matched_fve(60.0, [10.0, 20.0, 40.0], [0.7, 0.8, 0.9])
     assert below == pytest.approx(0.65) and flagged_below
     assert above == pytest.approx(1.0) and flagged_above
 
@@ -43,12 +38,12 @@ def test_matched_fve_extends_the_nearest_segment_outside_the_sweep():
 @pytest.mark.parametrize(("l0s", "fves"), [([10.0], [0.5]), ([10.0, 20.0], [0.5])])
 def test_matched_fve_rejects_a_sweep_it_cannot_interpolate(l0s, fves):
     with pytest.raises(ValueError, match="matched_fve: expected >= 2 reference points"):
-        reproduce.matched_fve(12.0, l0s, fves)
+        matched_fve(12.0, l0s, fves)
 
 
 def test_synthetic_inputs_hold_exactly_their_true_count_of_directions():
     # With more dimensions than directions the coefficients are recoverable by least squares.
-    x, counts, directions = reproduce.synthetic_activations(500, 48, 24, 6, seed=3, normalise=False)
+    x, counts, directions = synthetic_activations(500, 48, 24, 6, seed=3, normalise=False)
     assert counts.min() >= 1 and counts.max() <= 6 and set(counts.tolist()) == set(range(1, 7))
     coefficients = torch.linalg.lstsq(directions.T.double(), x.T.double()).solution.T
     assert torch.equal((coefficients.abs() > 1e-6).sum(-1), counts)
@@ -58,27 +53,27 @@ def test_synthetic_inputs_hold_exactly_their_true_count_of_directions():
 
 
 def test_normalised_synthetic_inputs_share_one_norm_and_keep_the_same_counts():
-    x, counts, _ = reproduce.synthetic_activations(300, 16, 32, 8, seed=0, normalise=True)
-    _, natural_counts, _ = reproduce.synthetic_activations(300, 16, 32, 8, seed=0, normalise=False)
+    x, counts, _ = synthetic_activations(300, 16, 32, 8, seed=0, normalise=True)
+    _, natural_counts, _ = synthetic_activations(300, 16, 32, 8, seed=0, normalise=False)
     assert torch.allclose(x.norm(dim=-1), torch.full((300,), 4.0))
     assert torch.equal(counts, natural_counts)
 
 
 def test_synthetic_activations_rejects_a_count_above_the_directions():
     with pytest.raises(ValueError, match="max_count=9"):
-        reproduce.synthetic_activations(10, 4, 8, 9, seed=0, normalise=False)
+        synthetic_activations(10, 4, 8, 9, seed=0, normalise=False)
 
 
 def test_dictionary_recovery_is_one_for_the_same_directions_in_any_order_and_scale():
     directions = torch.nn.functional.normalize(torch.randn(10, 6, generator=torch.Generator().manual_seed(1)), dim=-1)
     decoder = torch.cat([3 * directions.flip(0), torch.randn(5, 6)])
-    assert reproduce.dictionary_recovery(directions, decoder) == pytest.approx(1.0)
-    assert reproduce.dictionary_recovery(directions, torch.randn(10, 6)) < 1.0
+    assert dictionary_recovery(directions, decoder) == pytest.approx(1.0)
+    assert dictionary_recovery(directions, torch.randn(10, 6)) < 1.0
 
 
 def test_split_sentences_keeps_whole_sentences_of_the_allowed_length():
     text = 'Short one. This sentence has exactly six words. "Quoted text starts here and goes on." Too few!'
-    assert reproduce.split_sentences(text) == [
+    assert split_sentences(text) == [
         "This sentence has exactly six words.",
         '"Quoted text starts here and goes on."',
     ]

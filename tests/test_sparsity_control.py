@@ -11,7 +11,7 @@ from softsae_plugin.sparsity_control import calibrated_offset, constrained_k, ha
 from softsae_plugin.training.summary import summarise
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))
-from reproduce import synthetic_activations
+from lab.activations import synthetic_activations
 
 K_MAX, D_SAE = 24, 256
 

@@ -1,24 +1,20 @@
 """eval/study.py (issue 14): the convergence verdict, the held-out text split and the names it reads back."""
 
-import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from tqdm.auto import tqdm
 
-EVAL = Path(__file__).resolve().parent.parent / "eval"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))  # as when the command runs
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EVAL / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load("study")
+import study
+import study_report
+from lab.saes import ARCHITECTURES
+from lab.stages import stage, stage_seconds
+from lab.text import lee_articles
 
 
 def curve(fves, dead=0.0, total=1000):
@@ -38,29 +34,29 @@ def curve(fves, dead=0.0, total=1000):
 )
 def test_a_run_converged_when_few_latents_are_dead_and_its_last_tenth_moved_little(fves, dead, converged, move):
     points, final = curve(fves, dead)
-    verdict, measured = study.converged(points, final)
+    verdict, measured = study_report.converged(points, final)
     assert verdict is converged
     assert measured == pytest.approx(move)
 
 
 def test_a_run_with_no_checkpoint_cannot_be_called_converged():
-    assert study.converged([{"tokens": 10, "fve": 0.9}], {"dead_fraction": 0.0}) == (False, math.inf)
+    assert study_report.converged([{"tokens": 10, "fve": 0.9}], {"dead_fraction": 0.0}) == (False, math.inf)
 
 
 def test_lee_articles_hold_out_every_tenth_and_train_on_the_rest():
-    train, heldout = study.lee_articles("train"), study.lee_articles("heldout")
+    train, heldout = lee_articles("train"), lee_articles("heldout")
     assert len(heldout) == 29 and len(train) == 264
     assert not set(train) & set(heldout)
 
 
 def test_absorption_rows_map_each_eval_name_to_its_own_run():
     # sae-lens eval prefixes each SAE with its folder: "batchtopk-..." also ends with the TopK run's name.
-    runs = {f"{arch}-k32-s42": {"arch": arch, "seed": 42, "summary": {"mean_l0": 32.0}} for arch in study.ARCHITECTURES}
+    runs = {f"{arch}-k32-s42": {"arch": arch, "seed": 42, "summary": {"mean_l0": 32.0}} for arch in ARCHITECTURES}
     rows = [{"SAE": f"k32-s42-{name}", "mean_absorption_fraction_score": str(i / 10), "mean_num_split_features": "1"}
             for i, name in enumerate(runs)]  # fmt: skip
-    absorbed = study.absorption_rows({"measures": {"runs": runs}, "absorption": {"rows": rows}})
+    absorbed = study_report.absorption_rows({"measures": {"runs": runs}, "absorption": {"rows": rows}})
     assert {arch: r["absorption"] for (arch, _), r in absorbed.items()} == {
-        arch: i / 10 for i, arch in enumerate(study.ARCHITECTURES)
+        arch: i / 10 for i, arch in enumerate(ARCHITECTURES)
     }
 
 
@@ -68,11 +64,11 @@ def test_seed_spread_reads_only_converged_runs():
     # Seed 43 of SoftSAE did not converge: its FVE gap to seed 42 is distance from convergence, not seed noise.
     fve = {("softsae", 42): 0.92, ("softsae", 43): 0.90, ("topk", 42): 0.90, ("topk", 43): 0.901}
     runs = {f"{a}-{s}": {"arch": a, "k": 32, "seed": s, "summary": {"fve": v}} for (a, s), v in fve.items()}
-    ok = {(a, 32, s): (a, s) != ("softsae", 43) for a in study.ARCHITECTURES for s in (42, 43)}
-    spread = study.seed_spread({"scale": {"sweep_k": 32}, "measures": {"runs": runs}}, ok)
+    ok = {(a, 32, s): (a, s) != ("softsae", 43) for a in ARCHITECTURES for s in (42, 43)}
+    spread = study_report.seed_spread({"scale": {"sweep_k": 32}, "measures": {"runs": runs}}, ok)
     assert math.isnan(spread["softsae"]) and spread["topk"] == pytest.approx(0.001)
     absorb = {key: {"absorption": v} for key, v in fve.items()}
-    assert study.absorption_spread(absorb, ok, 32) == {"topk": pytest.approx(0.001)}
+    assert study_report.absorption_spread(absorb, ok, 32) == {"topk": pytest.approx(0.001)}
 
 
 def test_the_full_vocabulary_check_is_read_by_architecture_and_seed_and_set_beside_the_reduced_numbers(tmp_path):
@@ -81,25 +77,27 @@ def test_the_full_vocabulary_check_is_read_by_architecture_and_seed_and_set_besi
         "softsae-k32-s42,softsae,0.25,1.5\n"
         "batchtopk-k32-s42,batchtopk,0.5,\n"  # a metric SAEBench could not compute stays visible as n/a
     )
-    full = study.full_vocab_rows(tmp_path)
+    full = study_report.full_vocab_rows(tmp_path)
     assert full[("softsae", 42)] == {"absorption": 0.25, "splitting": 1.5}
     assert math.isnan(full[("batchtopk", 42)]["splitting"])
-    lines = study.full_vocab_section(full, {("softsae", 42): {"absorption": 0.75, "splitting": 2.0}}, 3000, "here")
+    lines = study_report.full_vocab_section(
+        full, {("softsae", 42): {"absorption": 0.75, "splitting": 2.0}}, 3000, "here"
+    )
     assert "| SoftSAE | 42 | 0.2500 / 0.7500 | 1.50 / 2.00 |" in lines
     assert "| BatchTopK | 42 | 0.5000 / n/a | n/a / n/a |" in lines
-    assert study.full_vocab_rows(tmp_path / "absent") == {}
+    assert study_report.full_vocab_rows(tmp_path / "absent") == {}
 
 
 def test_the_absorption_claim_compares_converged_seeds_against_the_spread_of_converged_pairs():
     rows = {("softsae", 42): {"absorption": 0.12}, ("softsae", 43): {"absorption": 0.5},
             ("topk", 42): {"absorption": 0.08}, ("topk", 43): {"absorption": 0.09}}  # fmt: skip
-    ok = {(a, 32, s): (a, s) != ("softsae", 43) for a in study.ARCHITECTURES for s in (42, 43)}
-    line = study.absorption_claim(rows, ok, 32, [42], "full")
+    ok = {(a, 32, s): (a, s) != ("softsae", 43) for a in ARCHITECTURES for s in (42, 43)}
+    line = study_report.absorption_claim(rows, ok, 32, [42], "full")
     assert "SoftSAE 0.1200, TopK 0.0800" in line and "up to 0.0100, measured on TopK" in line
     assert line.endswith("**missed**.")  # 0.04 apart: beyond the spread
     rows[("softsae", 42)] = {"absorption": 0.085}
-    assert study.absorption_claim(rows, ok, 32, [42], "full").endswith("**missed**, within seed noise.")
-    assert "not compared" in study.absorption_claim(rows, ok, 32, [], "full")
+    assert study_report.absorption_claim(rows, ok, 32, [42], "full").endswith("**missed**, within seed noise.")
+    assert "not compared" in study_report.absorption_claim(rows, ok, 32, [], "full")
 
 
 def test_the_full_study_is_at_the_issues_scale():
@@ -115,13 +113,13 @@ def test_a_finished_stage_is_read_back_unless_its_inputs_changed(tmp_path):
         calls.append(1)
         return {"value": len(calls)}
 
-    with study.tqdm(total=4, disable=True) as bar:
-        first = study.stage(tmp_path, "lr", bar, compute, {"lrs": (1e-3, 3e-3)})
-        again = study.stage(tmp_path, "lr", bar, compute, {"lrs": (1e-3, 3e-3)})
+    with tqdm(total=4, disable=True) as bar:
+        first = stage(tmp_path, "lr", bar, compute, {"lrs": (1e-3, 3e-3)})
+        again = stage(tmp_path, "lr", bar, compute, {"lrs": (1e-3, 3e-3)})
         assert (first["value"], again["value"], len(calls)) == (1, 1, 1)
-        changed = study.stage(tmp_path, "lr", bar, compute, {"lrs": (1e-3, 3e-3, 1e-2)})
+        changed = stage(tmp_path, "lr", bar, compute, {"lrs": (1e-3, 3e-3, 1e-2)})
     assert changed["value"] == 2 and changed["lrs"] == [1e-3, 3e-3, 1e-2]
-    assert study.json.loads((tmp_path / "lr.json").read_text())["value"] == 2
+    assert json.loads((tmp_path / "lr.json").read_text())["value"] == 2
     assert not list(tmp_path.glob("*.tmp"))  # saved atomically
 
 
@@ -136,14 +134,14 @@ def test_the_tiny_study_runs_every_stage_writes_its_report_and_skips_finished_st
     assert {p.name for p in (tmp_path / "study").glob("*.png")} == {
         "frontier.png", "training_curves.png", "k_hat.png", "absorption_vs_l0.png"
     }  # fmt: skip
-    curves = study.json.loads((work / "curves.json").read_text())["runs"]
+    curves = json.loads((work / "curves.json").read_text())["runs"]
     scale = study.SCALES["tiny"]
-    assert len(curves) == len(study.ARCHITECTURES) * (len(scale.ks) + len(scale.seeds) - 1)
+    assert len(curves) == len(ARCHITECTURES) * (len(scale.ks) + len(scale.seeds) - 1)
     for run in curves.values():  # the checkpoints in token order, ending at the run's length
         tokens = [p["tokens"] for p in run["points"]]
         assert tokens == sorted(tokens) and tokens[-1] == scale.training_tokens and len(tokens) > 2
-    absorbed = study.json.loads((work / "absorption.json").read_text())["rows"]
-    assert len(absorbed) == len(study.ARCHITECTURES) * len(scale.seeds)
+    absorbed = json.loads((work / "absorption.json").read_text())["rows"]
+    assert len(absorbed) == len(ARCHITECTURES) * len(scale.seeds)
     saved = {p.name: p.stat().st_mtime_ns for p in work.glob("*.json") if p.name != "scale.json"}
     study.main(args)  # every stage finished: read back, none run again
     assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.json") if p.name != "scale.json"} == saved
@@ -155,6 +153,6 @@ def test_a_resumed_stage_counts_its_whole_run_from_the_share_its_last_call_train
     (tmp_path / "cache.json").write_text('{"seconds": 60.0}')
     (tmp_path / "k16-s42.json").write_text('{"seconds": 300.0, "tokens": 2000, "resumed_from": "500"}')
     (tmp_path / "k32-s42.json").write_text('{"seconds": 400.0, "tokens": 2000, "resumed_from": null}')
-    timed = study.stage_seconds(tmp_path)
+    timed = stage_seconds(tmp_path)
     assert timed["stage_seconds"] == {"cache": 60.0, "k16-s42": 400.0, "k32-s42": 400.0}
     assert timed["stages_resumed"] == ["k16-s42"]
