@@ -58,7 +58,7 @@ COLLECTIVE_MARKS = ("gloo", "c10d", "all_reduce", "allreduce", "all_gather", "al
 PROFILED_RUN = """
 import json, sys, time, torch
 from torch.profiler import ProfilerActivity, profile
-import softsae_plugin.distributed as distributed
+import softsae_plugin.collectives as collectives
 import sae_lens.training.sae_trainer as sae_trainer
 
 marks, warm, out = tuple(json.loads(sys.argv[1])), int(sys.argv[2]), sys.argv[3]
@@ -84,7 +84,7 @@ from softsae_plugin.cli import main
 try:
     main(sys.argv[4:])
 finally:
-    if distributed.is_main():
+    if collectives.is_main():
         with open(out, "w") as f:
             json.dump(state, f)
 """

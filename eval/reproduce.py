@@ -61,8 +61,8 @@ from lab.training import learning_rate_then_k_sweep, train_and_load
 from reproduce_report import write_report
 from tqdm.auto import tqdm
 
-from softsae_plugin.summary import summarise
-from softsae_plugin.train import with_run_length
+from softsae_plugin.training.runs import with_run_length
+from softsae_plugin.training.summary import summarise
 
 
 @dataclass(frozen=True)
@@ -235,8 +235,8 @@ def train_lm_run(
     from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
     from sae_lens.saes.sae import SAE
 
-    from softsae_plugin.smollm2 import SMOLLM2_ID
-    from softsae_plugin.text import LOCAL_TEXT_ID
+    from softsae_plugin.offline.smollm2 import SMOLLM2_ID
+    from softsae_plugin.offline.text import LOCAL_TEXT_ID
 
     d_in = model.cfg.d_model
     out = work / "lm_runs" / f"{arch}-k{k}-lr{lr:g}"
@@ -281,8 +281,8 @@ def run_lm_setting(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
     """Section b (and the LM parts of c, d): cache once, LR sweep, k sweep, held-out FVE/L0 and loss recovered."""
     from sae_lens.util import get_special_token_ids
 
-    from softsae_plugin.smollm2 import load_smollm2
-    from softsae_plugin.text import tokenized_english_text
+    from softsae_plugin.offline.smollm2 import load_smollm2
+    from softsae_plugin.offline.text import tokenized_english_text
 
     model = load_smollm2()
     hook_name = f"blocks.{scale.lm_layer}.hook_resid_post"

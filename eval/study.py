@@ -48,7 +48,7 @@ from lab.text import mixed_token_rows
 from study_report import converged, write_report
 from tqdm.auto import tqdm
 
-from softsae_plugin.summary import summarise
+from softsae_plugin.training.summary import summarise
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,8 @@ def train_stage(
     stage's last checkpoint when one exists."""
     from sae_lens.saes.sae import SAEMetadata
 
-    from softsae_plugin.smollm2 import SMOLLM2_ID
-    from softsae_plugin.sweep import build_sweep, train_sweep_on_activations
+    from softsae_plugin.offline.smollm2 import SMOLLM2_ID
+    from softsae_plugin.training.sweep import build_sweep, train_sweep_on_activations
 
     hook = f"blocks.{scale.layer}.hook_resid_post"
     metadata = SAEMetadata(model_name=SMOLLM2_ID, hook_name=hook, context_size=scale.context_size, prepend_bos=True)
@@ -226,7 +226,7 @@ def run(scale_name: str, work: Path, report: Path, plots: Path) -> dict[str, Any
     from sae_lens import SAE
     from sae_lens.util import get_special_token_ids
 
-    from softsae_plugin.smollm2 import SMOLLM2_ID, load_smollm2
+    from softsae_plugin.offline.smollm2 import SMOLLM2_ID, load_smollm2
 
     scale = SCALES[scale_name]
     work.mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,8 @@ def cache_activations(model: Any, rows: Any, path: Path, hook_name: str, *, cont
     import sae_lens.cache_activations_runner as cache_module
     from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
 
-    from softsae_plugin.smollm2 import SMOLLM2_ID
-    from softsae_plugin.text import LOCAL_TEXT_ID
+    from softsae_plugin.offline.smollm2 import SMOLLM2_ID
+    from softsae_plugin.offline.text import LOCAL_TEXT_ID
 
     meta = {"rows": len(rows), "hook": hook_name, "first": rows[0]["input_ids"].tolist(), "seed": seed}
     if (path / "reproduce_meta.json").exists() and json.loads((path / "reproduce_meta.json").read_text()) == meta:
@@ -134,8 +134,8 @@ def smollm2_activations(n_tokens: int, hook: str) -> torch.Tensor:
     from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
     from tqdm.auto import tqdm
 
-    from softsae_plugin.smollm2 import load_smollm2
-    from softsae_plugin.text import tokenized_english_text
+    from softsae_plugin.offline.smollm2 import load_smollm2
+    from softsae_plugin.offline.text import tokenized_english_text
 
     layers = extract_stop_at_layer_from_tlens_hook_name(hook)
     model = load_smollm2(first_n_layers=layers)

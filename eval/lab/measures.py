@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from softsae_plugin.summary import summarise
+from softsae_plugin.training.summary import summarise
 
 from .saes import k_hat_of
 from .stages import numbered_checkpoints

@@ -27,7 +27,7 @@ def lee_lines() -> list[str]:
 def lee_articles(split: str) -> list[str]:
     """The 293 distinct news articles of gensim's Lee background corpus (7 of its 300 lines repeat an earlier one),
     every 10th held out as the Wikipedia text is."""
-    from softsae_plugin.text import HELDOUT_EVERY
+    from softsae_plugin.offline.text import HELDOUT_EVERY
 
     lines = list(dict.fromkeys(line.strip() for line in lee_lines() if line.strip()))
     # dict.fromkeys drops the repeats: a repeated article on both sides would leak the held-out text.
@@ -36,7 +36,7 @@ def lee_articles(split: str) -> list[str]:
 
 def english_sentences(n_texts: int | None, seed: int) -> list[str]:
     """English sentences: gensim's Wikipedia dump (via softsae_plugin.text) and the Lee news corpus, shuffled."""
-    from softsae_plugin.text import english_text
+    from softsae_plugin.offline.text import english_text
 
     sentences: list[str] = []
     for paragraph in english_text(min_chars=1)["text"]:
@@ -52,7 +52,7 @@ def english_sentences(n_texts: int | None, seed: int) -> list[str]:
 def mixed_token_rows(tokenizer: Any, split: str, context_size: int, rows_per_buffer: int) -> Any:
     """Token rows of `split`: Wikipedia paragraphs and Lee articles, interleaved (so any prefix mixes both), cut to
     a whole number of `rows_per_buffer` (an activation cache's buffers then divide the rows)."""
-    from softsae_plugin.text import english_text, tokenize_rows
+    from softsae_plugin.offline.text import english_text, tokenize_rows
 
     wiki, lee = english_text(split=split)["text"], lee_articles(split)
     step = max(1, len(wiki) // max(1, len(lee)))

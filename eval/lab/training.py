@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from softsae_plugin.train import train_on_activations
+from softsae_plugin import train_on_activations
 
 from .saes import ARCHITECTURES, load_inference
 
