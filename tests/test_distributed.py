@@ -18,10 +18,11 @@ from softsae_plugin.training.summary import SUMMARY_FILENAME
 BIN = Path(sys.executable).parent
 SAE_LENS, TORCHRUN = str(BIN / "sae-lens"), str(BIN / "torchrun")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-# 20 steps of a global batch of 128 vectors, in float64, with a hard phase (the last 2 steps), AuxK and checkpoints.
-EMBEDDING = ["--d_sae", "64", "--k", "4", "--training_tokens", str(20 * 128), "--train_batch_size_tokens", "128",
+# 20 steps of a global batch of 128 vectors, in float64, with a hard phase (the last 2 steps), checkpoints, and dead
+# latents (a 3-step window on 512 latents): the dead-latent counters and AuxK take part.
+EMBEDDING = ["--d_sae", "512", "--k", "4", "--training_tokens", str(20 * 128), "--train_batch_size_tokens", "128",
              "--n_batches_for_norm_estimate", "3", "--lr", "0.003", "--seed", "3", "--sae.dtype", "float64",
-             "--dead_feature_window", "5"]  # fmt: skip
+             "--dead_feature_window", "3"]  # fmt: skip
 
 
 def train(*args: str, ranks: int = 1, cwd: Path) -> subprocess.CompletedProcess:
@@ -61,6 +62,7 @@ def test_two_ranks_with_half_batches_train_the_weights_of_one_process(activation
     assert max_relative_difference(activations / "one", activations / "two") < 1e-6
     one_summary, two_summary = (json.loads((activations / d / SUMMARY_FILENAME).read_text()) for d in ("one", "two"))
     assert one_summary["train_mean_l0"] == pytest.approx(two_summary["train_mean_l0"], rel=1e-9)
+    assert one_summary["dead_fraction"] > 0  # AuxK and the dead-latent counters were at work
     # The run's global numbers, not one rank's share.
     scale = {"train_batch_size_tokens": 128, "training_tokens": 20 * 128}
     assert {**scale, "world_size": 1}.items() <= one_summary.items()
