@@ -499,10 +499,17 @@ def _push(argv: Sequence[str]) -> None:
     push_main(argv)
 
 
+def _show(argv: Sequence[str]) -> None:
+    from softsae_plugin.show import main as show_main
+
+    show_main(argv)
+
+
 COMMANDS = {
     "train": (_train, "train an SAE with SAE-Lens' runner (sae-lens train --help)"),
     "eval": (_eval, "run SAEBench's evaluations on SAEs (sae-lens eval --help)"),
     "push": (_push, "publish a checkpoint to the Hugging Face Hub (sae-lens push --help)"),
+    "show": (_show, "write an HTML page of text shaded by k_hat or L0 (sae-lens show --help)"),
 }
 
 
