@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,10 +55,11 @@ def synthetic_page(n_tokens: int, *, seed: int = 0, d_sae: int = 2304, k_max: in
     return PageData(f"{n_tokens:,} synthetic tokens", tokens, rows, doc_starts=list(range(0, n_tokens, 200)))
 
 
-def measure(page: Path, rounds: int) -> dict[str, list[float]]:
+def measure(page: Path, rounds: int) -> dict[str, Any]:
     """Open `page` `rounds` times in one headless Chromium; the page's render mark and the driver's wall time."""
     marks, walls = [], []
     with chromium() as driver:
+        version = driver.capabilities.get("browserVersion")
         for _ in range(rounds):
             driver.get("about:blank")
             start = time.perf_counter()
@@ -67,7 +69,7 @@ def measure(page: Path, rounds: int) -> dict[str, list[float]]:
             shown = driver.execute_script("return document.querySelectorAll('#text .t').length")
             if shown != int(page.stem.split("-")[-1]):
                 raise RuntimeError(f"the page drew {shown} tokens, expected {page.stem.split('-')[-1]}")
-    return {"render_ms": marks, "wall_ms": walls}
+    return {"render_ms": marks, "wall_ms": [round(wall, 1) for wall in walls], "chromium": version}
 
 
 def main() -> None:
@@ -82,6 +84,7 @@ def main() -> None:
         page = write_page(synthetic_page(args.tokens), Path(tmp) / f"page-{args.tokens}.html")
         size = page.stat().st_size
         times = measure(page, args.rounds)
+    browser_version = times.pop("chromium")
     result = {
         "tokens": args.tokens,
         "sae_rows": 2,
@@ -92,7 +95,7 @@ def main() -> None:
         **times,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
         f"load average {os.getloadavg()[0]:.2f}",
-        "browser": "Debian chromium, headless, driven by selenium",
+        "browser": f"Debian chromium {browser_version}, headless, driven by selenium",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -271,6 +271,7 @@ def render(data: PageData) -> str:
     )
     notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in data.notes)
     unit = "inputs" if data.mode == "inputs" else "tokens"
+    one = "an input" if data.mode == "inputs" else "a token"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -285,7 +286,7 @@ def render(data: PageData) -> str:
 <header>
 <h1>{html.escape(data.title)}</h1>
 <p class="key">Each {unit[:-1]} is shaded by {" / ".join(map(html.escape, measures))}: the number of features the SAE
-keeps for it. Hover a {unit[:-1]}, or focus the text and move with the arrow keys, to see its features.
+keeps for it. Hover {one}, or focus the text and move with the arrow keys, to see its features.
 {len(data.tokens):,} {unit}.</p>
 <ol class="rows">{rows_key}</ol>
 {_legend(top)}
@@ -294,7 +295,7 @@ keeps for it. Hover a {unit[:-1]}, or focus the text and move with the arrow key
 <main>
 <section id="text" class="text mode-{data.mode}" tabindex="0" role="listbox"
  aria-label="{unit}, shaded by the number of features; arrow keys move, Home and End jump"></section>
-<aside id="panel" aria-live="polite"><p class="hint">Hover or focus a {unit[:-1]} to see its features.</p></aside>
+<aside id="panel" aria-live="polite"><p class="hint">Hover or focus {one} to see its features.</p></aside>
 </main>
 <section class="summary">
 <h2>Lowest and highest {" / ".join(map(html.escape, measures))}</h2>
