@@ -32,7 +32,7 @@ ACTIVATION_CHUNK = 4096
 
 def load_sae(folder: str | Path, device: str = "cpu") -> SAE[Any]:
     """Load the inference SAE of a run folder (cfg.json and weights, as `sae-lens train` writes them), checked."""
-    check_sae_folder(Path(folder), "sae-lens show")
+    check_sae_folder(Path(folder), "RUN_DIR")
     return SAE.load_from_disk(str(folder), device=device).eval()
 
 
