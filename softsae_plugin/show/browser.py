@@ -118,6 +118,13 @@ def screenshot(page: str | Path, png: str | Path, token: int | None = None) -> P
                 "return JSON.parse(document.getElementById('data').textContent).rows[0].ranked.high[0]"
             )
         hover(driver, int(token))
+        # Off the text onto the title (which scrolls the window back up): a pointer left over the text would select
+        # whichever token the scroll brings under it.
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.by import By
+
+        ActionChains(driver).move_to_element(driver.find_element(By.TAG_NAME, "h1")).perform()
         driver.execute_script("window.scrollTo(0, 0)")
+        wait_selected(driver, int(token))
         driver.save_screenshot(str(png))
     return png
