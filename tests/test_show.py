@@ -191,6 +191,23 @@ def test_activation_inputs_are_listed_by_k_hat(saes, tmp_path: Path) -> None:
     assert all(_close(str(v), float(k)) for v, k in zip(data["rows"][0]["values"], k_hat, strict=True))
 
 
+def test_text_files_and_held_out_paragraphs(saes, model, tmp_path: Path) -> None:
+    # A --text file's paragraphs (blank-line separated, lines joined) become the page's paragraphs.
+    first, rest = PROMPTS[0].split(" ", 1)
+    (tmp_path / "essay.txt").write_text(f"{first}\n{rest}\n\n\n{PROMPTS[1]}\n")
+    cli_main(["show", str(saes["softsae"]), "--text", str(tmp_path / "essay.txt"), "--out", str(tmp_path / "a.html")])
+    data = _page_data(tmp_path / "a.html")
+    lengths = [len(model.to_tokens(prompt)[0]) - 1 for prompt in PROMPTS]
+    assert data["docs"] == [0] * lengths[0] + [1] * lengths[1]
+    # What `make quickstart` runs: the first held-out paragraph, split into the SAE's 128-token contexts.
+    cli_main(["show", str(saes["softsae"]), "--heldout", "1", "--out", str(tmp_path / "b.html")])
+    data = _page_data(tmp_path / "b.html")
+    paragraph = english_text(split="heldout", max_docs=1)["text"][0]
+    ids = model.tokenizer(paragraph, add_special_tokens=False)["input_ids"]
+    assert data["tokens"] == [model.tokenizer.decode([i]) for i in ids]
+    assert data["docs"] == [i // 127 for i in range(len(ids))]
+
+
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["show", *argv])
