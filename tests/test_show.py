@@ -103,6 +103,8 @@ def test_panel_shows_the_api_values_of_the_hovered_token(saes, model, driver, tm
     hovered = first_len + int(k_hat[1].argmax())
     expected_tokens = [model.tokenizer.decode([t]) for p in PROMPTS for t in model.to_tokens(p)[0, 1:].tolist()]
     assert _page_data(page)["tokens"] == expected_tokens
+    # Self-contained: nothing is fetched (no src, href or url() anywhere in the file).
+    assert not re.search(r"\b(src|href)\s*=|url\(", page.read_text())
 
     driver.get(page.resolve().as_uri())
     browser.wait_rendered(driver)

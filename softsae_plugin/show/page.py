@@ -118,8 +118,8 @@ def _bin(value: float, top: float) -> int:
     return min(len(PALETTE) - 1, max(0, int(value / top * len(PALETTE))))
 
 
-def histogram_svg(values: Sequence[float], top: float, label: str) -> str:
-    """An inline SVG histogram of `values` on [0, top], with numbered axes (no script needed to draw it)."""
+def histogram_svg(values: Sequence[float], top: float, label: str, unit: str = "tokens") -> str:
+    """An inline SVG histogram of `values` on [0, top] (one per `unit`), with numbered axes (no script needed)."""
     width, height, left, bottom = 360, 150, 40, 24
     counts = [0] * HISTOGRAM_BINS
     for value in values:
@@ -128,7 +128,7 @@ def histogram_svg(values: Sequence[float], top: float, label: str) -> str:
     bar = (width - left - 8) / HISTOGRAM_BINS
     parts = [
         f'<svg class="hist" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="histogram of {html.escape(label)} over {len(values)} tokens">'
+        f'aria-label="histogram of {html.escape(label)} over {len(values)} {unit}">'
     ]
     for i, count in enumerate(counts):
         bar_height = (height - bottom - 10) * count / peak
@@ -137,7 +137,7 @@ def histogram_svg(values: Sequence[float], top: float, label: str) -> str:
         lo, hi = top * i / HISTOGRAM_BINS, top * (i + 1) / HISTOGRAM_BINS
         parts.append(
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar - 1:.1f}" height="{bar_height:.1f}" fill="{colour}" '
-            f'stroke="#445"><title>{lo:.1f}-{hi:.1f}: {count} tokens</title></rect>'
+            f'stroke="#445"><title>{lo:.1f}-{hi:.1f}: {count} {unit}</title></rect>'
         )
     axis_y = height - bottom
     parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{width - 8}" y2="{axis_y}" stroke="#333"/>')
@@ -259,10 +259,12 @@ def render(data: PageData) -> str:
     css = here.joinpath("page.css").read_text() + "\n" + _palette_css()
     script = here.joinpath("page.js").read_text()
     measures = sorted({row.measure for row in data.rows})
+    unit = "inputs" if data.mode == "inputs" else "tokens"
+    one = "an input" if data.mode == "inputs" else "a token"
     histograms = "".join(
         f"<figure><figcaption>{html.escape(row.name)}: {html.escape(row.measure)} per "
         f"{'input' if data.mode == 'inputs' else 'token'}</figcaption>"
-        f"{histogram_svg(row.values, top, row.measure)}</figure>"
+        f"{histogram_svg(row.values, top, row.measure, unit)}</figure>"
         for row in data.rows
     )
     rows_key = "".join(
@@ -270,8 +272,6 @@ def render(data: PageData) -> str:
         for i, row in enumerate(data.rows)
     )
     notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in data.notes)
-    unit = "inputs" if data.mode == "inputs" else "tokens"
-    one = "an input" if data.mode == "inputs" else "a token"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
