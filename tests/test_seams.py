@@ -77,6 +77,13 @@ def _core_settings() -> list[str]:
 
 
 SEAMS: dict[str, tuple[str, Callable[[], bool]]] = {
+    "sae_lens.load_model.load_model(model_class_name, model_name, device, model_from_pretrained_kwargs, ...)": (
+        "sae-lens show builds a model that is not local with it, from the SAE's metadata",
+        lambda: (
+            _params(_module("sae_lens.load_model").load_model)[:4]
+            == ["model_class_name", "model_name", "device", "model_from_pretrained_kwargs"]
+        ),
+    ),
     "sae_lens.llm_sae_training_runner._parse_cfg_args(args)": (
         "sae-lens train parses the runner CLI with it",
         lambda: _params(_module("sae_lens.llm_sae_training_runner")._parse_cfg_args) == ["args"],

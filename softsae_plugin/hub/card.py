@@ -20,6 +20,7 @@ from typing import Any
 from huggingface_hub import ModelCardData
 from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME
 
+from softsae_plugin.show.page import PAGE_FILENAME, SCREENSHOT_FILENAME
 from softsae_plugin.training.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
 
 logger = logging.getLogger(__name__)
@@ -86,15 +87,19 @@ class SAEEntry:
     facts: dict[str, Any]
     results: tuple[SAEResult, ...] = ()
     has_histogram: bool = False
+    has_page: bool = False
+    has_screenshot: bool = False
 
 
 def is_card_source(relative_path: str) -> bool:
     """Whether a file of an SAE folder (path relative to it, '/'-separated) feeds the model card.
 
-    These are SAE-Lens' configs, the training summary and k_hat histogram, and SAEBench's JSON results
-    under eval/: the small files a push downloads to describe SAEs that are already in the repo.
+    These are SAE-Lens' configs, the training summary and k_hat histogram, the `sae-lens show` page and its
+    screenshot, and SAEBench's JSON results under eval/: the files a push downloads to describe SAEs that are
+    already in the repo.
     """
-    if relative_path in (SAE_CFG_FILENAME, RUNNER_CFG_FILENAME, SUMMARY_FILENAME, K_HAT_HISTOGRAM_FILENAME):
+    own = (SAE_CFG_FILENAME, RUNNER_CFG_FILENAME, SUMMARY_FILENAME, K_HAT_HISTOGRAM_FILENAME)
+    if relative_path in (*own, PAGE_FILENAME, SCREENSHOT_FILENAME):
         return True
     return relative_path.startswith(f"{EVAL_DIRNAME}/") and relative_path.endswith(".json")
 
@@ -130,7 +135,14 @@ def read_entry(sae_id: str, folder: str | Path) -> SAEEntry:
         results = _summary_results(summary_row)
     else:  # SAEBench's own result files (copied by hand, or by an older `sae-lens eval`)
         results = [r for path in sorted((folder / EVAL_DIRNAME).rglob("*.json")) if (r := _read_saebench_result(path))]
-    return SAEEntry(sae_id, facts, tuple(results), (folder / K_HAT_HISTOGRAM_FILENAME).exists())
+    return SAEEntry(
+        sae_id,
+        facts,
+        tuple(results),
+        (folder / K_HAT_HISTOGRAM_FILENAME).exists(),
+        (folder / PAGE_FILENAME).exists(),
+        (folder / SCREENSHOT_FILENAME).exists(),
+    )
 
 
 def _summary_results(summary: dict[str, Any]) -> list[SAEResult]:
@@ -232,7 +244,8 @@ def model_card(repo_id: str, entries: Sequence[SAEEntry], revision: str = "main"
     Hub metadata first (library name, the license when given, the base models where known, tags for search:
     sparse-autoencoder, softsae when a SoftSAE is in the repo, sae-lens, and each model name), then what SoftSAE
     is, how to install and load the SAEs, and per SAE a table of its shape, hook, training tokens, FVE and mean L0,
-    the k_hat statistics and histogram (SoftSAEs only), and SAEBench's headline numbers, with their spread over
+    the k_hat statistics and histogram (SoftSAEs only), the `sae-lens show` screenshot linked to its page (when the
+    checkpoint has them), and SAEBench's headline numbers, with their spread over
     seeds and their labels (a pipeline check, reduced settings, a decoder that was folded), when the checkpoint
     held results.
     """
@@ -321,6 +334,17 @@ def _entry_section(entry: SAEEntry) -> list[str]:
         ]
     if entry.has_histogram:
         lines += ["", f"![k_hat histogram of {entry.sae_id}]({entry.sae_id}/{K_HAT_HISTOGRAM_FILENAME})"]
+    page = f"{entry.sae_id}/{PAGE_FILENAME}"
+    if entry.has_screenshot:
+        image = f"![features per token of {entry.sae_id}]({entry.sae_id}/{SCREENSHOT_FILENAME})"
+        lines += ["", f"[{image}]({page})" if entry.has_page else image]
+    if entry.has_page:
+        lines += [
+            "",
+            f"**Features per token**: [{PAGE_FILENAME}]({page}) shows held-out text with each token shaded by the "
+            "number of features it uses (`sae-lens show`); download it and open it in a browser, then hover or "
+            "focus a token for its features and their top tokens.",
+        ]
     if entry.results:
         lines += ["", "**SAEBench**", "", "| eval | metric | value | notes |", "|---|---|---|---|"]
         for result in entry.results:

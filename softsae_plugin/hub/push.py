@@ -20,6 +20,7 @@ from sae_lens import upload_saes_to_huggingface
 from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME
 
 from softsae_plugin.hub.card import CARD_MARKER, EVAL_DIRNAME, SAEEntry, is_card_source, model_card, read_entry
+from softsae_plugin.show.page import PAGE_FILENAME, SCREENSHOT_FILENAME
 from softsae_plugin.training.guards import check_sae_folder
 from softsae_plugin.training.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
 
@@ -31,7 +32,8 @@ EPILOG = f"""\
 what is uploaded, into the folder SAE_ID/ of the repo for each CHECKPOINT_DIR:
   cfg.json, sae_weights.safetensors, sparsity.safetensors, runner_cfg.json
       by SAE-Lens' upload_saes_to_huggingface, so SAE.from_pretrained can load them
-  {SUMMARY_FILENAME}, {K_HAT_HISTOGRAM_FILENAME}, {EVAL_DIRNAME}/*.json (SAEBench results)
+  {SUMMARY_FILENAME}, {K_HAT_HISTOGRAM_FILENAME}, {EVAL_DIRNAME}/*.json (SAEBench results),
+  {PAGE_FILENAME} and {SCREENSHOT_FILENAME} (the page of `sae-lens show` and its screenshot)
       when the checkpoint has them
 and {README} at the repo root: a model card (metrics, k_hat histogram, how to load) listing every SAE in the
 repo, those pushed before included. A {README} that sae-lens push did not write is kept unless
@@ -226,8 +228,8 @@ def push(
 def extra_files(folder: Path) -> list[str]:
     """The files `sae-lens push` uploads beside SAE-Lens' own, relative to `folder` ('/'-separated).
 
-    These are the training summary, the k_hat histogram and SAEBench's JSON results under eval/, when
-    present.
+    These are the training summary, the k_hat histogram, the `sae-lens show` page and its screenshot, and
+    SAEBench's JSON results under eval/, when present.
     """
     names = (path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
     return sorted(name for name in names if _is_extra(name))
