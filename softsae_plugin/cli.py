@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +27,8 @@ COMMANDS = {
 }
 
 
+# Where torchrun asks each rank to write the exception that ended it (torch.distributed.elastic's `record`).
+ERROR_FILE_VARIABLE = "TORCHELASTIC_ERROR_FILE"
 # What a user's mistake raises (a bad option, value, file or checkpoint): reported in one line, like argparse does.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, argparse.ArgumentError)
 
@@ -45,8 +48,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     debug = "--debug" in argv
     command, args = argv[0], [arg for arg in argv[1:] if arg != "--debug"]
     try:
-        # Under torchrun, `record` writes the exception where the launcher's failure summary reads it.
-        record(importlib.import_module(COMMANDS[command][0]).main)(args)
+        run = importlib.import_module(COMMANDS[command][0]).main
+        if ERROR_FILE_VARIABLE in os.environ:  # under torchrun: its failure summary then shows this rank's error
+            run = record(run)
+        run(args)
     except USER_ERRORS as err:
         if debug:
             raise
