@@ -161,15 +161,7 @@ def guard_trainer(
     run knows its data position (and its number of data-parallel ranks). Under data-parallel training only rank 0
     writes. `guard_state` is what `check_checkpoint` read from the checkpoint resumed.
     """
-    state = guard_state or {}
-    guard = FiniteBatches(
-        trainer.data_provider,
-        lambda: f"training step {trainer.n_training_steps}",
-        skip_rows=skip_nonfinite_rows,
-        batches_drawn=state.get("batches_drawn", 0),
-        rows_skipped=state.get("nonfinite_rows_skipped", 0),
-    )
-    trainer.data_provider = guard
+    guard = guard_batches(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state or {})
     save = trainer.save_checkpoint
 
     def save_whole_finite_checkpoint(
@@ -190,15 +182,36 @@ def guard_trainer(
             return
         with atomic_folder(Path(base) / checkpoint_name) as staged:
             save(checkpoint_name=checkpoint_name, base_path=staged.parent, wandb_aliases=wandb_aliases)
-            counts = {
-                "batches_drawn": guard.batches_drawn,
-                "nonfinite_rows_skipped": guard.rows_skipped,
-                "world_size": world_size(),
-            }
-            (staged / GUARD_STATE_FILENAME).write_text(json.dumps(counts) + "\n")
+            write_guard_state(staged, guard)
 
     trainer.save_checkpoint = save_whole_finite_checkpoint  # type: ignore[method-assign]
     return guard
+
+
+def guard_batches(trainer: Any, *, skip_nonfinite_rows: bool, guard_state: Mapping[str, Any]) -> FiniteBatches:
+    """Wrap a trainer's (or multi trainer's) data provider in a `FiniteBatches` that continues the counts of the
+    checkpoint resumed (`guard_state`); returns it."""
+    guard = FiniteBatches(
+        trainer.data_provider,
+        lambda: f"training step {trainer.n_training_steps}",
+        skip_rows=skip_nonfinite_rows,
+        batches_drawn=guard_state.get("batches_drawn", 0),
+        rows_skipped=guard_state.get("nonfinite_rows_skipped", 0),
+    )
+    trainer.data_provider = guard
+    return guard
+
+
+def write_guard_state(folder: Path, guard: FiniteBatches, **extra: Any) -> None:
+    """Write the guard's counts into a checkpoint folder (the data position a resume continues from, the rows
+    skipped, the number of data-parallel ranks), with any `extra` entries."""
+    counts = {
+        "batches_drawn": guard.batches_drawn,
+        "nonfinite_rows_skipped": guard.rows_skipped,
+        "world_size": world_size(),
+        **extra,
+    }
+    (folder / GUARD_STATE_FILENAME).write_text(json.dumps(counts) + "\n")
 
 
 @contextmanager

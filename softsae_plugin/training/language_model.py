@@ -20,7 +20,6 @@ from typing_extensions import override
 
 from softsae_plugin.checks import check_finite
 from softsae_plugin.collectives import is_main, world_size
-from softsae_plugin.offline.smollm2 import is_local_model, load_local_model
 from softsae_plugin.offline.text import HELDOUT_EVERY, LOCAL_TEXT_ID, tokenized_english_text
 from softsae_plugin.training import data_parallel
 from softsae_plugin.training.guards import (
@@ -31,7 +30,12 @@ from softsae_plugin.training.guards import (
     continue_from_checkpoint,
     guard_trainer,
 )
-from softsae_plugin.training.runs import fit_quietly_and_in_order, local_sources_quietly, with_run_length
+from softsae_plugin.training.runs import (
+    fit_quietly_and_in_order,
+    local_sources_quietly,
+    model_and_text,
+    with_run_length,
+)
 from softsae_plugin.training.summary import print_summary, summarise_saved, write_summary
 
 # Batches of held-out activations the summary measures (32 batches of the quickstart's 1,024 tokens: enough that
@@ -131,42 +135,15 @@ def run_llm_training(
     guard_state: dict[str, int] = {}
     if cfg.resume_from_checkpoint is not None:
         guard_state = check_checkpoint(cfg.resume_from_checkpoint, cfg.sae, has_activations_store=True)
-    # Rank 0 downloads and caches first; the others then read what it fetched.
-    with data_parallel.main_rank_first():
-        override_model = None
-        if is_local_model(cfg.model_name):
-            # Build only the blocks up to the hook: SAE-Lens' activation store stops there too.
-            override_model = load_local_model(
-                cfg.model_name,
-                first_n_layers=extract_stop_at_layer_from_tlens_hook_name(cfg.hook_name),
-                device=cfg.llm_device,
-            )
-        override_dataset = None
-        if cfg.dataset_path == LOCAL_TEXT_ID:
-            if override_model is None:
-                raise ValueError(
-                    f"dataset_path={LOCAL_TEXT_ID!r} needs a local model_name (e.g. smollm2-135m-instruct-q4_1)"
-                )
-            override_dataset = tokenized_english_text(
-                override_model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train"
-            )
-            cfg.is_dataset_tokenized = True
-            override_dataset = data_parallel.shard_dataset(override_dataset)
-            text_tokens = len(override_dataset) * cfg.context_size
-            print(
-                f"{LOCAL_TEXT_ID}: {text_tokens:,} tokens of training text "
-                f"(every {HELDOUT_EVERY}th paragraph held out) "
-                f"for {cfg.training_tokens:,} training tokens"
-                + (
-                    f" ({cfg.training_tokens / text_tokens:.1f} passes over it)"
-                    if cfg.training_tokens > text_tokens
-                    else ""
-                )
-            )
-        if override_dataset is None and world_size() > 1:  # each rank streams its own shard of the text
-            override_dataset = data_parallel.load_shard(
-                cfg.dataset_path, streaming=cfg.streaming, trust_remote_code=cfg.dataset_trust_remote_code
-            )
+    # Only the blocks up to the hook: SAE-Lens' activation store stops there too.
+    override_model, override_dataset = model_and_text(cfg, extract_stop_at_layer_from_tlens_hook_name(cfg.hook_name))
+    if cfg.dataset_path == LOCAL_TEXT_ID:
+        text_tokens = len(override_dataset) * cfg.context_size
+        passes = cfg.training_tokens / text_tokens
+        print(
+            f"{LOCAL_TEXT_ID}: {text_tokens:,} tokens of training text (every {HELDOUT_EVERY}th paragraph held out) "
+            f"for {cfg.training_tokens:,} training tokens" + (f" ({passes:.1f} passes over it)" if passes > 1 else "")
+        )
     # SAE-Lens' runner never seeds torch: its SAE initialisation and its shuffle buffer's permutations would follow
     # whatever ran before in the process. Seeded here, after the model is built, a run is the same for the same
     # --seed, and a resumed run's replay (exact_resume) draws the same permutations.

@@ -18,8 +18,10 @@ from sae_lens.saes.sae import TrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
-from softsae_plugin.collectives import is_main
-from softsae_plugin.training.data_parallel import global_batches
+from softsae_plugin.collectives import is_main, world_size
+from softsae_plugin.offline.smollm2 import is_local_model, load_local_model
+from softsae_plugin.offline.text import LOCAL_TEXT_ID, tokenized_english_text
+from softsae_plugin.training.data_parallel import global_batches, load_shard, main_rank_first, shard_dataset
 
 
 def with_run_length(sae_cfg: TrainingSAEConfig, total_training_steps: int) -> TrainingSAEConfig:
@@ -76,19 +78,40 @@ def fit_quietly_and_in_order(trainer: SAETrainer[Any, Any], *, progress: bool = 
         if not progress or not is_main():
             stack.enter_context(_quiet_bars())
         scaler, normalisation = trainer.activation_scaler, trainer.sae.cfg.normalize_activations
-        # Every rank estimates on the global batches, so every rank trains and folds the same statistics.
+        estimate = None
         if normalisation == "expected_average_only_in" and scaler.scaling_factor is None:
-            with global_batches(trainer):
-                scaler.estimate_scaling_factor(
-                    d_in=trainer.sae.cfg.d_in,
-                    data_provider=trainer.data_provider,
-                    n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
-                )
+            estimate = scaler.estimate_scaling_factor
         elif normalisation == "covariance_whitening" and scaler.whitening is None:
+            estimate = scaler.estimate_whitening
+        if estimate is not None:  # every rank on the global batches: every rank trains and folds the same statistics
             with global_batches(trainer):
-                scaler.estimate_whitening(
+                estimate(
                     d_in=trainer.sae.cfg.d_in,
                     data_provider=trainer.data_provider,
                     n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
                 )
         yield
+
+
+def model_and_text(cfg: Any, first_n_layers: int | None) -> tuple[Any, Any]:
+    """The language model and training text a runner config names, where this package provides them rather than
+    SAE-Lens' runner: the offline model (its first `first_n_layers` blocks, where the hooks are) for a local model id,
+    the offline text's training split (tokenized, this rank's share) for LOCAL_TEXT_ID, and under torchrun this rank's
+    shard of a Hub dataset; None for what the runner loads itself. Rank 0 loads first and the other ranks after it."""
+    model = text = None
+    with main_rank_first():
+        if is_local_model(cfg.model_name):
+            model = load_local_model(cfg.model_name, first_n_layers=first_n_layers, device=cfg.llm_device)
+        if cfg.dataset_path == LOCAL_TEXT_ID:
+            if model is None:
+                raise ValueError(
+                    f"dataset_path={LOCAL_TEXT_ID!r} needs a local model_name (e.g. smollm2-135m-instruct-q4_1)"
+                )
+            text = tokenized_english_text(model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train")
+            cfg.is_dataset_tokenized = True
+            text = shard_dataset(text)
+        elif world_size() > 1:  # each rank streams its own shard of the text
+            text = load_shard(
+                cfg.dataset_path, streaming=cfg.streaming, trust_remote_code=cfg.dataset_trust_remote_code
+            )
+    return model, text

@@ -43,12 +43,10 @@ from softsae_plugin.training.data_parallel import (
     global_batches,
     global_scale,
     init_from_environment,
-    load_shard,
     local_device,
     main_rank_first,
     per_rank,
     shard,
-    shard_dataset,
     split_over_ranks,
     write_runner_config,
 )
@@ -60,9 +58,11 @@ from softsae_plugin.training.guards import (
     check_replaceable,
     check_world_size,
     continue_from_checkpoint,
+    guard_batches,
     rank_zero_writes,
+    write_guard_state,
 )
-from softsae_plugin.training.runs import local_sources_quietly, with_run_length
+from softsae_plugin.training.runs import local_sources_quietly, model_and_text, with_run_length
 from softsae_plugin.training.summary import SUMMARY_FILENAME, summarise_saved, write_summary
 
 SWEEP_KEY = "saes"
@@ -189,14 +189,7 @@ def guard_multi_trainer(
 ) -> FiniteBatches:
     """The multi trainer's `guard_trainer`: every multi-hook batch checked for NaN and inf, checkpoints written
     whole, with finite weights and the data position (see `reliability.guard_trainer`)."""
-    guard = FiniteBatches(
-        trainer.data_provider,
-        lambda: f"training step {trainer.n_training_steps}",
-        skip_rows=skip_nonfinite_rows,
-        batches_drawn=guard_state.get("batches_drawn", 0),
-        rows_skipped=guard_state.get("nonfinite_rows_skipped", 0),
-    )
-    trainer.data_provider = guard
+    guard = guard_batches(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
     save = trainer.save_checkpoint
 
     def save_whole_finite_checkpoint(checkpoint_name: str, wandb_aliases: list[str] | None = None) -> None:
@@ -221,13 +214,7 @@ def guard_multi_trainer(
                     save(checkpoint_name=checkpoint_name, wandb_aliases=wandb_aliases)
                 finally:
                     trainer.cfg = dataclasses.replace(trainer.cfg, checkpoint_path=base)
-                counts = {
-                    "batches_drawn": guard.batches_drawn,
-                    "nonfinite_rows_skipped": guard.rows_skipped,
-                    "world_size": world_size(),
-                    DIVERGED_KEY: getattr(trainer, "diverged", {}),
-                }
-                (staged / GUARD_STATE_FILENAME).write_text(json.dumps(counts) + "\n")
+                write_guard_state(staged, guard, **{DIVERGED_KEY: getattr(trainer, "diverged", {})})
         finally:
             trainer.trainers = every
 
@@ -438,7 +425,6 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
     folder and the sweep's table and plot beside them."""
     from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name, get_special_token_ids
 
-    from softsae_plugin.offline.smollm2 import is_local_model, load_local_model
     from softsae_plugin.offline.text import HELDOUT_EVERY, LOCAL_TEXT_ID, tokenized_english_text
 
     cfg = sweep.runner
@@ -448,25 +434,8 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
     guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
     without_diverged(cfg, guard_state)
     hooks = sorted(set(cfg.hook_names_per_sae.values()))
-    with main_rank_first():  # rank 0 downloads and caches first; the others then read what it fetched
-        model = None
-        if is_local_model(cfg.model_name):
-            deepest = max(extract_stop_at_layer_from_tlens_hook_name(hook) or 0 for hook in hooks)
-            model = load_local_model(cfg.model_name, first_n_layers=deepest or None, device=cfg.llm_device)
-        dataset = None
-        if cfg.dataset_path == LOCAL_TEXT_ID:
-            if model is None:
-                raise ValueError(
-                    f"dataset_path={LOCAL_TEXT_ID!r} needs a local model_name (e.g. smollm2-135m-instruct-q4_1)"
-                )
-            dataset = tokenized_english_text(
-                model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train"
-            )
-            dataset = shard_dataset(dataset)
-        elif world_size() > 1:  # each rank streams its own shard of the text
-            dataset = load_shard(
-                cfg.dataset_path, streaming=cfg.streaming, trust_remote_code=cfg.dataset_trust_remote_code
-            )
+    deepest = max(extract_stop_at_layer_from_tlens_hook_name(hook) or 0 for hook in hooks)
+    model, dataset = model_and_text(cfg, deepest or None)
     with local_sources_quietly(model is not None, dataset is not None):
         with main_rank_first():  # SAE-Lens' runner loads what the overrides do not give it
             runner = SweepRunner(
