@@ -162,6 +162,41 @@ def test_rank_zero_fetches_first_and_the_others_after_it(tmp_path):
     assert start_1 >= end_0
 
 
+def test_ranks_read_disjoint_shares_of_an_activation_cache_that_cover_it(tmp_path):
+    """`use_cached_activations`: SAE-Lens' store reads its cache from the first row on every rank; with the cache
+    sharded (`shard_cached_activations`, as the runner does), 2 ranks read disjoint rows that together are the rows
+    one process reads."""
+    from datasets import Array2D, Dataset, Features
+
+    rows, context, d_in = 12, 4, 3
+    acts = np.repeat(np.arange(rows, dtype=np.float32), context * d_in).reshape(rows, context, d_in)  # row id
+    features = Features({"blocks.0.hook_resid_post": Array2D(shape=(context, d_in), dtype="float32")})
+    Dataset.from_dict({"blocks.0.hook_resid_post": acts}, features=features).save_to_disk(str(tmp_path / "cache"))
+    (tmp_path / "read.py").write_text(
+        "import json, os, sys\n"
+        "from sae_lens.training.activations_store import ActivationsStore\n"
+        "from softsae_plugin.training.data_parallel import init_from_environment, shard_cached_activations\n"
+        "init_from_environment('cpu')\n"
+        f"store = ActivationsStore(None, None, False, 'blocks.0.hook_resid_post', None, {context}, {d_in}, 2, 48, 2, 8,"
+        " False, 'none', 'cpu', 'float32', cached_activations_path=sys.argv[1] + '/cache')\n"
+        "shard_cached_activations(store)\n"
+        "seen = []\n"
+        "try:\n"
+        "    while True:\n"
+        "        seen += store.get_raw_llm_batch(raise_on_epoch_end=True)[0][::%d, 0].int().tolist()\n"
+        "except StopIteration:\n"
+        "    pass\n"
+        "open(os.path.join(sys.argv[1], os.environ.get('RANK', 'one')), 'w').write(json.dumps(seen))\n" % context
+    )
+    command = [str(tmp_path / "read.py"), str(tmp_path)]
+    subprocess.run([sys.executable, *command], check=True, capture_output=True, timeout=300, env=ENV)
+    subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *command], check=True, capture_output=True,
+                   timeout=300, env=ENV)  # fmt: skip
+    one, rank_0, rank_1 = (json.loads((tmp_path / name).read_text()) for name in ("one", "0", "1"))
+    assert sorted(one) == list(range(rows))
+    assert not set(rank_0) & set(rank_1) and sorted(rank_0 + rank_1) == sorted(one)
+
+
 @pytest.mark.slow
 def test_torchrun_trains_on_smollm2_like_one_process(tmp_path):
     """`torchrun --nproc_per_node 2 sae-lens train` on the offline SmolLM2: each rank its own model and its own shard

@@ -184,6 +184,14 @@ def shard_dataset(dataset: Any) -> Any:
     return split_dataset_by_node(dataset, rank=rank(), world_size=world_size())
 
 
+def shard_cached_activations(store: Any) -> None:
+    """Give this rank its own contiguous share of the rows of an activation store's cache (`use_cached_activations`):
+    SAE-Lens' store reads a cache from its first row on every rank, with the same shuffle, so N ranks would train on
+    the same batches. A no-op in one process or for a store without a cache."""
+    if world_size() > 1 and getattr(store, "cached_activation_dataset", None) is not None:
+        store.cached_activation_dataset = shard_dataset(store.cached_activation_dataset)
+
+
 def load_shard(path: str, *, streaming: bool, trust_remote_code: bool) -> Any:
     """This rank's shard of the Hub dataset `path`'s train split (what SAE-Lens' store would load, then sharded)."""
     from datasets import load_dataset

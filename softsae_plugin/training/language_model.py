@@ -66,6 +66,7 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
         **kwargs: Any,
     ):
         super().__init__(cfg, **kwargs)
+        data_parallel.shard_cached_activations(self.activations_store)
         self.skip_nonfinite_rows, self.guard_state = skip_nonfinite_rows, guard_state
         self.exact_resume = exact_resume and cfg.resume_from_checkpoint is not None
         self.guard: FiniteBatches | None = None

@@ -110,7 +110,7 @@ def model_and_text(cfg: Any, first_n_layers: int | None) -> tuple[Any, Any]:
             text = tokenized_english_text(model.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos, split="train")
             cfg.is_dataset_tokenized = True
             text = shard_dataset(text)
-        elif world_size() > 1:  # each rank streams its own shard of the text
+        elif world_size() > 1 and not getattr(cfg, "use_cached_activations", False):  # each rank its own shard
             text = load_shard(
                 cfg.dataset_path, streaming=cfg.streaming, trust_remote_code=cfg.dataset_trust_remote_code
             )
