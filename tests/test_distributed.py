@@ -197,6 +197,30 @@ def test_ranks_read_disjoint_shares_of_an_activation_cache_that_cover_it(tmp_pat
     assert not set(rank_0) & set(rank_1) and sorted(rank_0 + rank_1) == sorted(one)
 
 
+@pytest.mark.parametrize("kind", ["map-style", "streaming, 3 shards over 2 ranks"])
+def test_ranks_read_disjoint_shares_of_a_dataset_that_cover_it(tmp_path, kind):
+    """`shard_dataset` (the local text, and each rank's shard of a Hub dataset): 2 ranks read disjoint rows that
+    together are the rows one process reads, also for a streaming dataset whose shard count the ranks do not divide."""
+    (tmp_path / "read.py").write_text(
+        "import json, os, sys\n"
+        "from datasets import Dataset\n"
+        "from softsae_plugin.training.data_parallel import init_from_environment, shard_dataset\n"
+        "init_from_environment('cpu')\n"
+        "dataset = Dataset.from_dict({'row': list(range(30))})\n"
+        "if sys.argv[2] != 'map-style':\n"
+        "    dataset = dataset.to_iterable_dataset(num_shards=3)\n"
+        "seen = [example['row'] for example in shard_dataset(dataset)]\n"
+        "open(os.path.join(sys.argv[1], os.environ.get('RANK', 'one')), 'w').write(json.dumps(seen))\n"
+    )
+    command = [str(tmp_path / "read.py"), str(tmp_path), kind]
+    subprocess.run([sys.executable, *command], check=True, capture_output=True, timeout=300, env=ENV)
+    subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *command], check=True, capture_output=True,
+                   timeout=300, env=ENV)  # fmt: skip
+    one, rank_0, rank_1 = (json.loads((tmp_path / name).read_text()) for name in ("one", "0", "1"))
+    assert sorted(one) == list(range(30))
+    assert not set(rank_0) & set(rank_1) and sorted(rank_0 + rank_1) == sorted(one)
+
+
 @pytest.mark.slow
 def test_torchrun_trains_on_smollm2_like_one_process(tmp_path):
     """`torchrun --nproc_per_node 2 sae-lens train` on the offline SmolLM2: each rank its own model and its own shard
