@@ -22,6 +22,8 @@ Phases at total_training_steps = 1000 (tau anneals over 20 steps, the target k o
 
     python eval/bench_dispatch.py count [--out eval/results/dispatch] [--tag after]
     python eval/bench_dispatch.py time --base /work/wt-base [--reps 5]   # interleaved CPU step times
+    python eval/bench_dispatch.py compiled --batch 512                     # compile_sae's step beside eager
+    python eval/bench_dispatch.py summary                                 # summary.md from the CSVs
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def _paused(counter: DispatchCounter) -> Iterator[None]:
         counter.paused = previous
 
 
-def make_sae(model: str, d_in: int, d_sae: int) -> Any:
+def make_sae(model: str, d_in: int, d_sae: int, device: str = "cpu") -> Any:
     """The training SAE of one benchmarked architecture at k = 32 (SoftSAE: k_max = 64)."""
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
     from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAEConfig
@@ -149,7 +151,7 @@ def make_sae(model: str, d_in: int, d_sae: int) -> Any:
 
     from softsae_plugin import SoftTrainingSAEConfig
 
-    common: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "device": "cpu"}
+    common: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "device": device}
     if model.startswith("softsae"):
         head, fused = SOFT_MODELS[model]
         cfg: Any = SoftTrainingSAEConfig(
@@ -164,7 +166,7 @@ def make_sae(model: str, d_in: int, d_sae: int) -> Any:
     return TrainingSAE.from_dict(cfg.to_dict())
 
 
-def make_trainer(sae: Any, batch: int) -> Any:
+def make_trainer(sae: Any, batch: int, device: str = "cpu") -> Any:
     """SAE-Lens' SAETrainer around `sae`, its Adam on the multi-tensor path that CUDA would take."""
     from sae_lens.config import LoggingConfig
     from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
@@ -174,7 +176,7 @@ def make_trainer(sae: Any, batch: int) -> Any:
         train_batch_size_samples=batch,
         lr=3e-4,
         lr_end=3e-4,
-        device="cpu",
+        device=device,
         logger=LoggingConfig(log_to_wandb=False),
     )
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
@@ -183,11 +185,13 @@ def make_trainer(sae: Any, batch: int) -> Any:
     return trainer
 
 
-def step_runner(model: str, d_in: int, d_sae: int, batch: int) -> tuple[Callable[[int, torch.Tensor], Any], Any]:
+def step_runner(
+    model: str, d_in: int, d_sae: int, batch: int, device: str = "cpu"
+) -> tuple[Callable[[int, torch.Tensor], Any], Any]:
     """A function running one trainer step of `model` at a given step number, and its SAE."""
     torch.manual_seed(0)
-    sae = make_sae(model, d_in, d_sae)
-    trainer = make_trainer(sae, batch)
+    sae = make_sae(model, d_in, d_sae, device)
+    trainer = make_trainer(sae, batch, device)
 
     def run(step: int, x: torch.Tensor) -> Any:
         trainer.n_training_steps = step
@@ -347,9 +351,110 @@ def time_compare(base: Path, reps: int, batch: int, rounds: int) -> list[dict[st
     return rows
 
 
+def time_compiled(batch: int, reps: int, phases: list[str]) -> list[dict[str, Any]]:
+    """SoftSAE's step with SAE-Lens' compile_sae (training_forward_pass through torch.compile, inductor) beside the
+    eager step, in this tree, at 512/4096: compile seconds (the first call at each phase) and median step times."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    d_in, d_sae = SHAPES["512/4096"]
+    x = activations(d_in, batch)
+    rows = []
+    eager_run, _ = step_runner("softsae_paper", d_in, d_sae, batch)
+    compiled_run, sae = step_runner("softsae_paper", d_in, d_sae, batch)
+    sae.training_forward_pass = torch.compile(sae.training_forward_pass)
+    for phase in phases:
+        step = PHASES[phase]
+        eager_run(step, x)
+        start = time.perf_counter()
+        compiled_run(step, x)
+        compile_s = time.perf_counter() - start
+        samples: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for _ in range(reps):  # interleaved
+            for label, run in (("eager", eager_run), ("compiled", compiled_run)):
+                start = time.perf_counter()
+                run(step, x)
+                samples[label].append(time.perf_counter() - start)
+        eager_ms, compiled_ms = (1e3 * statistics.median(samples[k]) for k in ("eager", "compiled"))
+        rows.append({"phase": phase, "batch": batch, "first_call_s": round(compile_s, 1),
+                     "eager_ms": round(eager_ms, 2), "compiled_ms": round(compiled_ms, 2),
+                     "compiled_over_eager": round(compiled_ms / eager_ms, 3)})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def summarise(out: Path) -> Path:
+    """summary.md from counts_before.csv, counts_after.csv (and times_after.csv if present): per shape, model and
+    phase the operators, kernels and own host syncs before and after, and after's ratio to TopK's step."""
+    before = {(r["shape"], r["model"], r["phase"]): r for r in _read_csv(out / "counts_before.csv")}
+    after = _read_csv(out / "counts_after.csv")
+    lines = [
+        "# Dispatch counts per training step and per inference call (eval/bench_dispatch.py)",
+        "",
+        "Before: the code at 92a8ade; after: this branch. ops: ATen operators dispatched; kernels: those that launch",
+        "a GPU kernel (no views, no `empty`); own syncs: host syncs with softsae_plugin on the stack (SAE-Lens' own",
+        "syncs, its trainer's firing counters and the baselines', are in the CSVs). Ratios: after's ops over TopK's",
+        "(its step, or its inference) at the same shape. Counts do not depend on the batch (64 rows here).",
+        "",
+        "| shape | model | phase | ops before | ops after | kernels before | kernels after | own syncs before |"
+        " own syncs after | ops / TopK after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    topk = {(r["shape"], r["phase"] == "inference"): int(r["ops"]) for r in after if r["model"] == "topk"}
+    for row in after:
+        old = before.get((row["shape"], row["model"], row["phase"]), {})
+        ratio = int(row["ops"]) / topk[(row["shape"], row["phase"] == "inference")]
+        lines.append(
+            f"| {row['shape']} | {row['model']} | {row['phase']} | {old.get('ops', '')} | {row['ops']} | "
+            f"{old.get('kernels', '')} | {row['kernels']} | {old.get('own_syncs', '')} | {row['own_syncs']} | "
+            f"{ratio:.2f} |"
+        )
+    compiled = out / "compiled.csv"
+    if compiled.exists():
+        lines += [
+            "",
+            "## The compiled step on CPU (eval/bench_dispatch.py compiled)",
+            "",
+            "softsae_paper at 512/4096, training_forward_pass through torch.compile (inductor) as SAE-Lens'",
+            "compile_sae does, beside the eager step in the same process, interleaved; first_call_s includes",
+            "compiling (2 shared CPU cores).",
+            "",
+            "| phase | batch | first call s | eager ms | compiled ms | compiled / eager |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in _read_csv(compiled):
+            lines.append(
+                f"| {row['phase']} | {row['batch']} | {row['first_call_s']} | {row['eager_ms']} | "
+                f"{row['compiled_ms']} | {row['compiled_over_eager']} |"
+            )
+    times = out / "times_after.csv"
+    if times.exists():
+        lines += [
+            "",
+            "## CPU time per step (eval/bench_dispatch.py time)",
+            "",
+            "512/4096, batch 512, one thread, before and after in two worker processes asked in turn (interleaved),",
+            "medians; measured on 2 CPU cores shared with other work, so only the ratio within a row means much.",
+            "",
+            "| model | phase | before ms | after ms | after / before |",
+            "|---|---|---|---|---|",
+        ]
+        for row in _read_csv(times):
+            lines.append(
+                f"| {row['model']} | {row['phase']} | {row['before_ms']} | {row['after_ms']} | "
+                f"{row['after_over_before']} |"
+            )
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("count", "time", "time-worker"))
+    parser.add_argument("mode", choices=("count", "time", "time-worker", "compiled", "summary"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dispatch")
     parser.add_argument("--tag", default="after", help="the CSV's name: counts_<tag>.csv")
     parser.add_argument("--batch", type=int, default=64)
@@ -360,6 +465,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode == "time-worker":
         time_worker(args.batch)
+    elif args.mode == "summary":
+        print(summarise(args.out))
+    elif args.mode == "compiled":
+        write_csv(time_compiled(args.batch, args.reps, ["final", "hard"]), args.out / "compiled.csv")
     elif args.mode == "time":
         if args.base is None:
             parser.error("time needs --base (the baseline tree)")
