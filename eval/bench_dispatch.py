@@ -328,9 +328,10 @@ def time_compare(base: Path, reps: int, batch: int, rounds: int) -> list[dict[st
     cases = [(m, p) for m in ("softsae_paper", "softsae_h256") for p in PHASES]
     cases += [("topk", "step"), ("softsae_paper", "inference"), ("topk", "inference")]
     samples: dict[tuple[str, str, str], list[float]] = {}
-    for _ in range(rounds):
+    for index in range(rounds):
         for model, phase in cases:
-            for label, worker in workers.items():
+            # Each round asks the two in the other order, so that neither always runs right after the other.
+            for label, worker in sorted(workers.items(), reverse=bool(index % 2)):
                 assert worker.stdin is not None and worker.stdout is not None
                 worker.stdin.write(f"{model} {phase} {reps}\n")
                 worker.stdin.flush()

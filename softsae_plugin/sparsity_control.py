@@ -110,7 +110,7 @@ def calibrated_offset(logits: Tensor, n_positive: Tensor, k: float, k_max: int, 
     """
     logits, n_positive = gather_rows(logits.detach().reshape(-1)), gather_rows(n_positive.reshape(-1))
     steps = torch.arange(1, k_max, device=logits.device)
-    levels = torch.logit((steps + 0.5).double() / k_max).to(logits.dtype)
+    levels = torch.logit((steps.to(logits.dtype) + 0.5) / k_max)  # within 1e-6 of exact in float32: < the margin
     counted = steps < n_positive[:, None]  # the count is capped at the positive codes
     crossings = torch.where(counted, levels - logits[:, None], torch.inf).flatten().sort().values
     base = n_positive.clamp(max=1).sum()
