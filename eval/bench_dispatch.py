@@ -229,10 +229,18 @@ def activations(d_in: int, batch: int, seed: int = 0) -> torch.Tensor:
 
 
 def count(fn: Callable[[], Any], fused: bool) -> DispatchCounter:
-    """Operators, kernels and syncs of one call of `fn`."""
+    """Operators, kernels and syncs of one call of `fn`, with SoftSAE on its accelerator path (static top-k bounds,
+    which it takes on CPU only when compiling) where this tree has one."""
+    from softsae_plugin import softsae
+
     counter = DispatchCounter()
-    with compiled_regions_as_kernels(counter) if fused else contextlib.nullcontext(), counter:
-        fn()
+    previous = getattr(softsae, "STATIC_BOUNDS_ON_CPU", None)
+    softsae.STATIC_BOUNDS_ON_CPU = True
+    try:
+        with compiled_regions_as_kernels(counter) if fused else contextlib.nullcontext(), counter:
+            fn()
+    finally:
+        softsae.STATIC_BOUNDS_ON_CPU = previous
     return counter
 
 

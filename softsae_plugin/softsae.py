@@ -275,6 +275,20 @@ def hard_topk_per_row(acts: torch.Tensor, k: torch.Tensor, k_bound: int | None =
     return torch.zeros_like(acts).scatter(-1, indices, values)
 
 
+# Where the SAE's top-k selections use k_max as a static bound (see `static_bound`); eval/bench_dispatch.py turns it on
+# to count on CPU what an accelerator launches.
+STATIC_BOUNDS_ON_CPU = False
+
+
+def static_bound(x: torch.Tensor, k_max: int) -> int | None:
+    """k_max as the bound of the top-k selections over `x` where reading the batch's largest k would stall a device
+    (an accelerator, or a graph being compiled), else None (read it: on CPU the read costs nothing and the smaller
+    selection is faster)."""
+    if x.device.type != "cpu" or STATIC_BOUNDS_ON_CPU or torch.compiler.is_compiling():
+        return k_max
+    return None
+
+
 def decode_kept_codes(
     codes: torch.Tensor, W_dec: torch.Tensor, k_max: int, *, check: bool = True
 ) -> torch.Tensor | None:
@@ -440,7 +454,8 @@ class _SoftSAEBase:
         sae_in = self.sae_input(x)
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)  # type: ignore[attr-defined]
         k = rounded_k(self.k_from_logit(self.k_logit(sae_in)), self.cfg.k_max).long()
-        codes = self.hook_sae_acts_post(hard_topk_per_row(F.relu(hidden_pre), k, self.cfg.k_max))  # type: ignore[attr-defined]
+        acts = F.relu(hidden_pre)
+        codes = self.hook_sae_acts_post(hard_topk_per_row(acts, k, static_bound(acts, self.cfg.k_max)))  # type: ignore[attr-defined]
         # decode may skip counting these codes' non-zeros (a sync) while they are unchanged (their version counter).
         _LAST_CODES[self] = (weakref.ref(codes), codes._version)
         return codes, hidden_pre
@@ -643,16 +658,15 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
             k_hat = constrained_k(
                 logit, schedule.target_k, self.cfg.k_max, self.cfg.d_sae, self._record_multiplier, shift=shift
             )
-        hard_acts = hard_topk_per_row(acts, rounded_k(k_hat, self.cfg.k_max).long(), self.cfg.k_max)
+        bound = static_bound(acts, self.cfg.k_max)
+        hard_acts = hard_topk_per_row(acts, rounded_k(k_hat, self.cfg.k_max).long(), bound)
         if schedule.hard:
             feature_acts = hard_acts
         else:
             scores = acts.detach() if self.cfg.detach_soft_topk_scores else acts
             fused = _fuse_soft_topk(self.cfg, scores)
-            # k_hat <= k_max: a static size for soft top-k's candidates (no device sync), the solve unchanged.
-            feature_acts = acts * soft_topk(
-                scores, k_hat.to(torch.float32), schedule.tau, fused=fused, k_bound=self.cfg.k_max
-            )
+            # On a device, k_max bounds k_hat: a static size for soft top-k's candidates (no sync), the same solve.
+            feature_acts = acts * soft_topk(scores, k_hat.to(torch.float32), schedule.tau, fused=fused, k_bound=bound)
         feature_acts = self.hook_sae_acts_post(feature_acts)
         # Hard codes keep at most k_max per row: the sparse decode need not count them.
         sae_out = self._decode(feature_acts, sparse=schedule.hard and _decodes_sparsely(self.cfg), check=False)

@@ -34,10 +34,14 @@ class _FakeGpuModule(backend_registration._DummyBackendModule):
         return [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module")
+# At collection, before any test runs a backward pass: the autograd engine sizes its per-device queues once, on the
+# first backward in the process, from the devices registered by then.
+if torch._C._get_privateuse1_backend_name() != DEVICE:
+    backend_registration._setup_privateuseone_for_python_backend(DEVICE, backend_module=_FakeGpuModule())
+
+
+@pytest.fixture
 def device() -> str:
-    if torch._C._get_privateuse1_backend_name() != DEVICE:
-        backend_registration._setup_privateuseone_for_python_backend(DEVICE, backend_module=_FakeGpuModule())
     return DEVICE
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sae_lens.saes.sae import TrainStepInput
 
-from softsae_plugin import SoftSAE, SoftSAEConfig, SoftTrainingSAE, SoftTrainingSAEConfig, soft_topk
+from softsae_plugin import SoftSAE, SoftSAEConfig, SoftTrainingSAE, SoftTrainingSAEConfig, soft_topk, softsae
 from softsae_plugin.sparsity_control import (
     BOUNDARY_MARGIN,
     SHIFT_RANGE,
@@ -131,6 +131,20 @@ def test_the_training_flags_follow_a_loaded_state_dict():
     fresh.load_state_dict(sae.state_dict())
     assert fresh._b_dec_initialised and fresh._k_head_frozen
     torch.testing.assert_close(fresh.k_head_centre(), sae.k_centre)
+
+
+@pytest.mark.parametrize("step", [1, 50, 85])
+def test_the_static_bounds_of_the_device_path_give_the_cpu_paths_step(step, monkeypatch):
+    """On CPU the top-k selections read the batch's largest k; on a device they take k_max: the same step."""
+    outputs = []
+    for static in (False, True):
+        monkeypatch.setattr(softsae, "STATIC_BOUNDS_ON_CPU", static)
+        sae = make_sae()
+        x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(1)) + 1
+        sae.training_forward_pass(step_input(x, 0))
+        outputs.append(sae.training_forward_pass(step_input(x, step)))
+    torch.testing.assert_close(outputs[1].loss, outputs[0].loss)
+    torch.testing.assert_close(outputs[1].feature_acts, outputs[0].feature_acts)
 
 
 def test_decode_counts_codes_that_were_changed_after_encode():
