@@ -86,6 +86,7 @@ def _unfreeze_k_head(sae: SoftTrainingSAE) -> None:
     # (its Adam state, allocated in the soft phase, stays, as in a real run's hard phase).
     if bool(sae.k_head_frozen):
         sae.k_head_frozen.fill_(False)
+        sae._k_head_frozen = False  # the step reads the buffer's Python mirror
         for p in sae._k_head_params():
             p.requires_grad_(True)
 

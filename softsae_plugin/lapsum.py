@@ -208,27 +208,44 @@ def _solve_candidates(
 
 
 def _solve(
-    x: Tensor, k: Tensor, tau: Tensor, method: Method, margin: int, fused: bool = False
+    x: Tensor,
+    k: Tensor,
+    tau: Tensor,
+    method: Method,
+    margin: int,
+    fused: bool = False,
+    k_bound: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward solve on rows x (R, n) with targets k (R,); `fused`: the fast path's big passes compiled.
+    """Forward solve on rows x (R, n) with targets k (R,); `fused`: the fast path's big passes compiled; `k_bound`:
+    the caller's promise 0 < k <= k_bound (see soft_topk).
 
     Returns the weights (R, n), each row's anchor score (R,) and the indices of the rows the fast path handed
     to the full solve (observable for tests; empty when the full solve was used directly).
     """
     n = x.shape[-1]
-    inside = (k > 0) & (k < n)
-    k_solved = torch.where(inside, k, min(1.0, n / 2))  # any valid target; those rows are overwritten below
-    size = n if method == "sort" or x.shape[0] == 0 else int(torch.ceil(k_solved.max())) + margin
+    promised = k_bound is not None and k_bound < n  # every row inside the domain: nothing to read from the device
+    inside = None if promised else (k > 0) & (k < n)
+    k_solved = k if inside is None else torch.where(inside, k, min(1.0, n / 2))  # rows outside: overwritten below
+    if method == "sort" or x.shape[0] == 0:
+        size = n
+    elif k_bound is not None:
+        # S(t) at the m-th largest score is at least m / 2 (each of the m terms above it is at least 1/2), so with
+        # m >= 2 k_bound the threshold always lies among the candidates: no row can need the full solve.
+        size = 2 * math.ceil(k_bound) + margin
+    else:
+        size = int(torch.ceil(k_solved.max())) + margin
     use_candidates = size < (n / 2 if method == "auto" else n)
     fallback = torch.empty(0, dtype=torch.long, device=x.device)
     if use_candidates:
         weights, anchor, found = _solve_candidates(x, k_solved, tau, size, fused)
-        fallback = (~found).nonzero().squeeze(-1)
+        if k_bound is None:
+            fallback = (~found).nonzero().squeeze(-1)
         if fallback.numel() > 0:
             weights[fallback], anchor[fallback] = _solve_sorted(x[fallback], k_solved[fallback], tau)
     else:
         weights, anchor = _solve_sorted(x, k_solved, tau)
-    if not bool(inside.all()):  # ends of the domain: the limits k -> 0 (all zeros) and k -> n (all ones)
+    # Ends of the domain: the limits k -> 0 (all zeros) and k -> n (all ones).
+    if inside is not None and not bool(inside.all()):
         weights = torch.where(inside[:, None], weights, (k >= n).to(weights.dtype)[:, None])
     return weights, anchor, fallback
 
@@ -237,9 +254,11 @@ class _SoftTopK(torch.autograd.Function):
     """Closed-form solve forward; implicit-differentiation backward for x, k and tau."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, k: Tensor, tau: Tensor, method: Method, margin: int, fused: bool) -> Tensor:
+    def forward(
+        ctx, x: Tensor, k: Tensor, tau: Tensor, method: Method, margin: int, fused: bool, k_bound: int | None
+    ) -> Tensor:
         n = x.shape[-1]
-        weights, anchor, _ = _solve(x.reshape(-1, n), k.reshape(-1), tau, method, margin, fused)
+        weights, anchor, _ = _solve(x.reshape(-1, n), k.reshape(-1), tau, method, margin, fused, k_bound)
         out = weights.view(x.shape)
         ctx.fused = fused
         ctx.save_for_backward(out, x if ctx.needs_input_grad[2] else None, anchor, tau)  # x: for dL/dtau only
@@ -272,7 +291,7 @@ class _SoftTopK(torch.autograd.Function):
             grad_x = _call_fused(_density_grad, weights, grad, mean_grad, tau).view(out.shape)
         elif ctx.needs_input_grad[0]:  # last: it reuses weighted_grad's memory
             grad_x = weighted_grad.addcmul_(density, mean_grad, value=-1).div_(tau).view(out.shape)
-        return grad_x, grad_k, grad_tau, None, None, None
+        return grad_x, grad_k, grad_tau, None, None, None, None
 
 
 def soft_topk(
@@ -283,6 +302,7 @@ def soft_topk(
     method: Method = "auto",
     margin: int = 16,
     fused: bool = False,
+    k_bound: int | None = None,
 ) -> Tensor:
     """LapSum soft top-k weights p = F((x - b) / tau) along the last axis, with b chosen so that sum(p) == k.
 
@@ -297,7 +317,10 @@ def soft_topk(
     see _EXP_FLOOR). Reading max k and checking tau synchronise with the device. `fused=True` runs the fast path's
     passes over the whole matrix (forward and backward) as torch.compile'd loops: same results to float
     rounding, several times faster on large inputs, at the price of compiling once per process (seconds to a
-    minute; unfused, with a warning, where compilation is unavailable).
+    minute; unfused, with a warning, where compilation is unavailable). `k_bound`: the caller's promise that
+    0 < k <= k_bound on every row (not checked): "topk" then takes 2 ceil(k_bound) + `margin` candidates, enough
+    for every row's threshold to lie among them, and nothing is read from the device (no max k, no domain ends, no
+    rows to re-solve; a Python tau is checked on the host): no sync, the same result to float rounding.
     """
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
@@ -306,14 +329,18 @@ def soft_topk(
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    if k_bound is not None and not k_bound > 0:
+        raise ValueError(f"k_bound must be > 0 or None, got {k_bound}")
     if isinstance(tau, Tensor):
         if tau.dim() != 0:
             raise ValueError(f"tau must be a number or a 0-dim tensor, got shape {tuple(tau.shape)}")
         tau_value = tau.to(device=x.device, dtype=dtype)
+        if not bool(tau_value > 0):
+            raise ValueError(f"tau must be > 0, got tau={float(tau_value)}")
     else:
-        tau_value = torch.tensor(float(tau), device=x.device, dtype=dtype)
-    if not bool(tau_value > 0):
-        raise ValueError(f"tau must be > 0, got tau={float(tau_value)}")
+        if not float(tau) > 0:
+            raise ValueError(f"tau must be > 0, got tau={float(tau)}")
+        tau_value = torch.full((), float(tau), device=x.device, dtype=dtype)  # a fill, not a copy from the host
     if isinstance(k, Tensor):
         if k.shape != x.shape[:-1]:
             raise ValueError(
@@ -322,4 +349,4 @@ def soft_topk(
         k_value = k.to(device=x.device, dtype=dtype)
     else:
         k_value = torch.full(x.shape[:-1], float(k), device=x.device, dtype=dtype)
-    return _SoftTopK.apply(x.to(dtype), k_value, tau_value, method, margin, fused).to(x.dtype)
+    return _SoftTopK.apply(x.to(dtype), k_value, tau_value, method, margin, fused, k_bound).to(x.dtype)

@@ -15,6 +15,7 @@ that `sparsity_coefficient`, `sparsity_beta` and `aux_loss_coefficient` keep the
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,17 +37,18 @@ from typing_extensions import override
 from softsae_plugin.checks import check_finite, check_types
 from softsae_plugin.collectives import gather_rows, sum_over_ranks
 from softsae_plugin.lapsum import soft_topk
-from softsae_plugin.sparsity_control import calibrated_offset, constrained_k, k_from_logit, rounded_k
+from softsae_plugin.sparsity_control import (
+    calibrated_offset,
+    constrained_k,
+    constraint_shift,
+    k_from_logit,
+    rounded_k,
+    shift_update,
+)
 from softsae_plugin.unit_decoder import keep_decoder_rows_unit
 
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in")
 SPARSITY_CONTROLS = ("constraint", "softplus")
-# The fraction of the way the k head's output bias moves towards each batch's solved shift. Soft phase: a running
-# average over a few batches of the constraint's shift, which the hard phase starts from. Hard phase: 1/n over its
-# first n batches (their mean), then at least MIN_CALIBRATION_STEP, so the calibration averages out batch-to-batch
-# noise (each batch's own shift scatters by a few percent of L0 on widely spread k_hat) and still follows the encoder.
-SHIFT_STEP = 0.2
-MIN_CALIBRATION_STEP = 0.02
 # Buffers that exist only while training (the inference model drops them).
 TRAINING_BUFFERS = ("b_dec_initialised", "k_head_frozen")
 # `sparse_decode=None` decodes from the kept codes when d_sae is at least this many times k_max.
@@ -253,29 +255,49 @@ def _linear(start: float, end: float, step: int, steps: int) -> float:
     return float(start + (end - start) * step / steps)
 
 
-def hard_topk_per_row(acts: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def hard_topk_per_row(acts: torch.Tensor, k: torch.Tensor, k_bound: int | None = None) -> torch.Tensor:
     """Keep the k[row] largest entries of each row of `acts` (..., d_sae) and zero the rest.
 
     `k` holds integer counts of shape acts.shape[:-1]. Entries are kept unscaled, so gradient flows
     to the kept entries; with ReLU codes a row keeps fewer than k non-zeros only when it has fewer
-    positive entries.
+    positive entries. `k_bound`: a bound on every k known to the caller (the SAE's k_max), which saves reading
+    max(k) from the device (a sync); None reads it.
     """
-    k_batch = int(k.max().item()) if k.numel() else 0
+    if k_bound is None:
+        k_bound = int(k.max().item()) if k.numel() else 0
+    k_batch = min(k_bound, acts.shape[-1])
     values, indices = acts.topk(k_batch, dim=-1, sorted=True)
     rank = torch.arange(k_batch, device=acts.device)
     values = values * (rank < k.unsqueeze(-1)).to(values.dtype)
     return torch.zeros_like(acts).scatter(-1, indices, values)
 
 
-def decode_kept_codes(codes: torch.Tensor, W_dec: torch.Tensor, k_max: int) -> torch.Tensor | None:
+# Where the SAE's top-k selections use k_max as a static bound (see `static_bound`); eval/bench_dispatch.py turns it on
+# to count on CPU what an accelerator launches.
+STATIC_BOUNDS_ON_CPU = False
+
+
+def static_bound(x: torch.Tensor, k_max: int) -> int | None:
+    """k_max as the bound of the top-k selections over `x` where reading the batch's largest k would stall a device
+    (an accelerator, or a graph being compiled), else None (read it: on CPU the read costs nothing and the smaller
+    selection is faster)."""
+    if x.device.type != "cpu" or STATIC_BOUNDS_ON_CPU or torch.compiler.is_compiling():
+        return k_max
+    return None
+
+
+def decode_kept_codes(
+    codes: torch.Tensor, W_dec: torch.Tensor, k_max: int, *, check: bool = True
+) -> torch.Tensor | None:
     """codes @ W_dec from the (at most k_max) non-zero codes of each row alone, or None when a row has more.
 
     The k_max largest codes by magnitude are gathered and their decoder rows summed with `embedding_bag`, whose
     backward touches only those rows: B * k_max * d_in work instead of the dense product's B * d_sae * d_in. Equal
-    to the dense product to float rounding (another summation order), gradients included.
+    to the dense product to float rounding (another summation order), gradients included. `check=False` skips
+    counting the non-zeros (a device sync) for codes known to have at most k_max per row.
     """
     rows = codes.reshape(-1, codes.shape[-1])
-    if bool(((rows != 0).sum(-1) > k_max).any()):
+    if check and bool(((rows != 0).sum(-1) > k_max).any()):
         return None
     indices = rows.detach().abs().topk(min(k_max, rows.shape[-1]), dim=-1).indices
     values = rows.gather(-1, indices).to(W_dec.dtype)
@@ -292,15 +314,16 @@ def _decodes_sparsely(cfg: SoftSAEConfig | SoftTrainingSAEConfig) -> bool:
 
 
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
-    """The geometric median of the rows of `points` by Weiszfeld's iteration (float64 inside)."""
+    """The geometric median of the rows of `points` by Weiszfeld's iteration (float64 inside), stopped at the first
+    step that moves it by at most `tol` relative (or after `max_iter`)."""
     x = points.detach().double()
     median = x.mean(0)
+    done = torch.zeros((), dtype=torch.bool, device=x.device)
+    # Converged iterations keep the median where it stopped instead of breaking out, which would read the device.
     for _ in range(max_iter):
         weights = 1.0 / (x - median).norm(dim=-1).clamp_min(1e-12)
-        updated = (weights[:, None] * x).sum(0) / weights.sum()
-        if (updated - median).norm() <= tol * median.norm().clamp_min(1.0):
-            median = updated
-            break
+        updated = torch.where(done, median, (weights[:, None] * x).sum(0) / weights.sum())
+        done = done | ((updated - median).norm() <= tol * median.norm().clamp_min(1.0))
         median = updated
     return median.to(points.dtype)
 
@@ -428,7 +451,16 @@ class _SoftSAEBase:
         sae_in = self.sae_input(x)
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)  # type: ignore[attr-defined]
         k = rounded_k(self.k_from_logit(self.k_logit(sae_in)), self.cfg.k_max).long()
-        return self.hook_sae_acts_post(hard_topk_per_row(F.relu(hidden_pre), k)), hidden_pre  # type: ignore[attr-defined]
+        acts = F.relu(hidden_pre)
+        codes = self.hook_sae_acts_post(hard_topk_per_row(acts, k, static_bound(acts, self.cfg.k_max)))  # type: ignore[attr-defined]
+        # decode may skip counting these codes' non-zeros (a sync) while they are unchanged (their version counter).
+        _LAST_CODES[self] = (weakref.ref(codes), codes._version)
+        return codes, hidden_pre
+
+    def _encoded_here(self, codes: torch.Tensor) -> bool:
+        """Whether `codes` is the tensor this SAE's last encode returned, unmodified since (at most k_max per row)."""
+        last = _LAST_CODES.get(self)
+        return last is not None and last[0]() is codes and codes._version == last[1]
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """Reconstruct inputs from codes of shape (..., d_sae).
@@ -437,10 +469,11 @@ class _SoftSAEBase:
         the dictionary is wide enough for that to pay (see `sparse_decode`); any other codes densely.
         """
         _check_codes(self, feature_acts)  # type: ignore[arg-type]
-        return self._decode(feature_acts, sparse=_decodes_sparsely(self.cfg))
+        sparse = _decodes_sparsely(self.cfg)
+        return self._decode(feature_acts, sparse=sparse, check=not (sparse and self._encoded_here(feature_acts)))
 
-    def _decode(self, feature_acts: torch.Tensor, *, sparse: bool) -> torch.Tensor:
-        decoded = decode_kept_codes(feature_acts, self.W_dec, self.cfg.k_max) if sparse else None
+    def _decode(self, feature_acts: torch.Tensor, *, sparse: bool, check: bool = True) -> torch.Tensor:
+        decoded = decode_kept_codes(feature_acts, self.W_dec, self.cfg.k_max, check=check) if sparse else None
         if decoded is None:
             decoded = feature_acts @ self.W_dec
         sae_out = self.hook_sae_recons(decoded + self.b_dec)  # type: ignore[attr-defined]
@@ -478,6 +511,10 @@ class _SoftSAEBase:
         """Fold an affine whitening of the inputs into the weights, the k head's included."""
         super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
         _fold_whitening_into_k_head(self, mean, whitening_matrix, unwhitening_matrix)  # type: ignore[arg-type]
+
+
+# Each SAE's last encoded codes, outside the module so that it still pickles and copies as before.
+_LAST_CODES: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[torch.Tensor], int]] = weakref.WeakKeyDictionary()
 
 
 def _check_last_dim(sae: Any, x: torch.Tensor, after: str) -> None:
@@ -528,6 +565,13 @@ class SoftSAE(_SoftSAEBase, SAE[SoftSAEConfig]):
         check_finite(state_dict, "softsae: refusing to save this SAE")
 
 
+def _read_training_flags(sae: SoftTrainingSAE, _: Any) -> None:
+    # After loading a state dict: the Python mirrors of the training flags follow the loaded buffers (one read, at
+    # load time).
+    sae._b_dec_initialised = bool(sae.b_dec_initialised)
+    sae._k_head_frozen = bool(sae.k_head_frozen)
+
+
 class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
     """Training SoftSAE: LapSum soft top-k with a learned k_hat, then a hard top-k final phase.
 
@@ -544,6 +588,10 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
     def __init__(self, cfg: SoftTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self._constraint_multiplier = torch.tensor(float("nan"))
+        # The training flags as Python state, mirroring their buffers (which are what is saved): reading a buffer
+        # every step would wait for the device. Set from the buffers whenever a state dict is loaded.
+        self._b_dec_initialised = self._k_head_frozen = False
+        self.register_load_state_dict_post_hook(_read_training_flags)
         keep_decoder_rows_unit(self)
 
     @override
@@ -560,7 +608,7 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
     @override
     def k_head_centre(self) -> torch.Tensor:
         """What the k head subtracts from its input: b_dec while it trains, its snapshot once frozen."""
-        return torch.where(self.k_head_frozen, self.k_centre, self.b_dec)
+        return self.k_centre if self._k_head_frozen else self.b_dec
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -569,12 +617,18 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        """One training step's forward pass and losses, following the schedule at this step."""
+        """One training step's forward pass and losses, following the schedule at this step.
+
+        Training state (b_dec's initialisation, the hard phase's freeze, the k head's running shift) moves only in
+        training mode with gradients enabled: a call under torch.no_grad() (a validation loss) changes no parameter
+        or buffer, and returns what the step would have computed.
+        """
         schedule = self.cfg.schedule(step_input.n_training_steps)
         x = step_input.sae_in
-        if not bool(self.b_dec_initialised):
+        updating = self.training and torch.is_grad_enabled()
+        if updating and not self._b_dec_initialised:
             self._initialise_b_dec(x)
-        if schedule.hard and not bool(self.k_head_frozen):
+        if updating and schedule.hard and not self._k_head_frozen:
             self._freeze_k_head()
 
         sae_in = self.sae_input(x)
@@ -585,9 +639,9 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
                 logit = self.k_logit(sae_in)
                 if self.cfg.calibrate_hard_l0:
                     n_positive = (acts > 0).sum(-1)
-                    shift = calibrated_offset(logit, n_positive, self.cfg.k, self.cfg.k_max, self.cfg.d_sae)
-                    shift = shift * max(1 / (schedule.hard_step + 1), MIN_CALIBRATION_STEP)
-                    self.b_k_out.add_(shift)
+                    offset = calibrated_offset(logit, n_positive, self.cfg.k, self.cfg.k_max, self.cfg.d_sae)
+                    shift = shift_update(offset, schedule.hard_step)
+                    self._move_running_shift(shift, updating)
                     logit = logit + shift
                 k_hat = self.k_from_logit(logit)
         elif self.cfg.sparsity_control == "softplus":
@@ -596,16 +650,23 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
             # The constraint's shift makes any common offset of the logits irrelevant, so the output bias is not
             # trained: it keeps the running shift, which is what the inference model and the hard phase use.
             logit = self.k_logit(sae_in, bias=self.b_k_out.detach())
-            k_hat = constrained_k(logit, schedule.target_k, self.cfg.k_max, self.cfg.d_sae, self._record_constraint)
-        hard_acts = hard_topk_per_row(acts, rounded_k(k_hat, self.cfg.k_max).long())
+            shift = constraint_shift(logit, schedule.target_k, self.cfg.k_max, self.cfg.d_sae)
+            self._move_running_shift(shift_update(shift, None), updating)
+            k_hat = constrained_k(
+                logit, schedule.target_k, self.cfg.k_max, self.cfg.d_sae, self._record_multiplier, shift=shift
+            )
+        bound = static_bound(acts, self.cfg.k_max)
+        hard_acts = hard_topk_per_row(acts, rounded_k(k_hat, self.cfg.k_max).long(), bound)
         if schedule.hard:
             feature_acts = hard_acts
         else:
             scores = acts.detach() if self.cfg.detach_soft_topk_scores else acts
             fused = _fuse_soft_topk(self.cfg, scores)
-            feature_acts = acts * soft_topk(scores, k_hat.to(torch.float32), schedule.tau, fused=fused)
+            # On a device, k_max bounds k_hat: a static size for soft top-k's candidates (no sync), the same solve.
+            feature_acts = acts * soft_topk(scores, k_hat.to(torch.float32), schedule.tau, fused=fused, k_bound=bound)
         feature_acts = self.hook_sae_acts_post(feature_acts)
-        sae_out = self._decode(feature_acts, sparse=schedule.hard and _decodes_sparsely(self.cfg))
+        # Hard codes keep at most k_max per row: the sparse decode need not count them.
+        sae_out = self._decode(feature_acts, sparse=schedule.hard and _decodes_sparsely(self.cfg), check=False)
 
         mse_loss = self.mse_loss_fn(sae_out, x).sum(dim=-1).mean()
         gap = gather_rows(k_hat).mean() - schedule.target_k  # the global batch's, under data-parallel training
@@ -645,9 +706,13 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
         )
 
     @torch.no_grad()
-    def _record_constraint(self, *, shift: torch.Tensor | None = None, multiplier: torch.Tensor | None = None) -> None:
-        if shift is not None:
-            self.b_k_out.add_(SHIFT_STEP * shift)
+    def _move_running_shift(self, shift: torch.Tensor, updating: bool) -> None:
+        # The controller's state, moved here in plain sight (never from inside an autograd function), and only by a
+        # training step with gradients.
+        if updating:
+            self.b_k_out.add_(shift.to(self.b_k_out.dtype))
+
+    def _record_multiplier(self, *, multiplier: torch.Tensor | None = None, **_: Any) -> None:
         if multiplier is not None:  # in the paper's units, like the softplus budget's lambda
             self._constraint_multiplier = multiplier.detach() / self.cfg.d_in
 
@@ -664,15 +729,29 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
         # "Dead" comes from SAE-Lens' counters, which count the hard code, so a latent with only a negligible soft
         # weight counts as dead.
         dead = step_input.dead_neuron_mask
-        if self.cfg.aux_loss_coefficient == 0 or dead is None or (n_dead := int(dead.sum())) == 0:
+        if self.cfg.aux_loss_coefficient == 0 or dead is None:
             return {"auxiliary_reconstruction_loss": sae_out.new_zeros(())}
         k_aux = self.cfg.k_aux or self.cfg.d_in // 2
-        scale = min(n_dead / k_aux, 1.0)
-        aux_acts = calculate_topk_aux_acts(k_aux=min(k_aux, n_dead), hidden_pre=hidden_pre, dead_neuron_mask=dead)
+        if torch.compiler.is_compiling():
+            # A compiled graph cannot branch on the number of dead latents (a read from the device): it always takes
+            # the top k_aux pre-activations among the dead ones, zeroes the picks beyond them, and scales the loss by
+            # min(dead / k_aux, 1), so that no dead latent gives exactly 0, as below.
+            n_dead = dead.sum()
+            scale: torch.Tensor | float = (n_dead / k_aux).clamp(max=1.0)
+            top = torch.where(dead, hidden_pre, -torch.inf).topk(min(k_aux, self.cfg.d_sae), dim=-1, sorted=False)
+            picked = torch.where(top.values > -torch.inf, top.values, 0.0)
+            aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, picked)
+        else:
+            # Eager: with no dead latent (most steps) the loss is skipped, which is worth this step's one read.
+            n_dead = int(dead.sum())
+            if n_dead == 0:
+                return {"auxiliary_reconstruction_loss": sae_out.new_zeros(())}
+            scale = min(n_dead / k_aux, 1.0)
+            aux_acts = calculate_topk_aux_acts(k_aux=min(k_aux, n_dead), hidden_pre=hidden_pre, dead_neuron_mask=dead)
         residual = (step_input.sae_in - sae_out).detach().reshape(-1, self.cfg.d_in)
         recons = aux_acts.reshape(-1, self.cfg.d_sae) @ self.W_dec
         # The residual's variance over the global batch under data-parallel training (one process: this batch's).
-        rows = sum_over_ranks(residual.new_tensor(float(residual.shape[0])))
+        rows = sum_over_ranks(residual.new_full((), float(residual.shape[0])))
         centred = residual - sum_over_ranks(residual.sum(0)) / rows
         variance = sum_over_ranks(centred.pow(2).sum()) / rows
         nmse = (recons - residual).pow(2).sum(-1).mean() / variance.clamp_min(1e-12)
@@ -683,11 +762,13 @@ class SoftTrainingSAE(_SoftSAEBase, TrainingSAE[SoftTrainingSAEConfig]):
         first_batch = gather_rows(x.reshape(-1, self.cfg.d_in))  # the global batch, under data-parallel training
         self.b_dec.data.copy_(geometric_median(first_batch).to(self.b_dec.dtype))
         self.b_dec_initialised.fill_(True)
+        self._b_dec_initialised = True
 
     @torch.no_grad()
     def _freeze_k_head(self) -> None:
         self.k_centre.copy_(self.b_dec)
         self.k_head_frozen.fill_(True)
+        self._k_head_frozen = True
         for p in self._k_head_params():
             p.requires_grad_(False)
 

@@ -234,13 +234,15 @@ def global_batches(trainer: Any) -> Iterator[None]:
 
 class _TrainingStep(nn.Module):
     # DistributedDataParallel hooks the backward of what its forward returns: SAE-Lens' trainer calls the SAE's
-    # training_forward_pass, so that is what the wrapped module's forward runs.
+    # training_forward_pass, so that is what the wrapped module's forward runs: the one the SAE had when wrapped, which
+    # is SAE-Lens' torch.compile'd version under compile_sae.
     def __init__(self, sae: nn.Module) -> None:
         super().__init__()
         self.sae = sae
+        self.step = sae.training_forward_pass
 
     def forward(self, step_input: Any) -> Any:
-        return type(self.sae).training_forward_pass(self.sae, step_input)
+        return self.step(step_input)
 
 
 def data_parallel(trainer: Any) -> None:
