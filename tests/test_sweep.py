@@ -16,8 +16,7 @@ from sae_lens.constants import SAE_WEIGHTS_FILENAME, TRAINER_STATE_FILENAME
 from safetensors.torch import load_file
 
 from softsae_plugin.cli import main
-from softsae_plugin.training.summary import SUMMARY_FILENAME
-from softsae_plugin.training.sweep import SWEEP_PLOT, SWEEP_TABLE
+from softsae_plugin.training.summary import SUMMARY_FILENAME, SWEEP_PLOT, SWEEP_TABLE
 
 SAE_LENS = str(Path(sys.executable).with_name("sae-lens"))
 SHARED = {"d_sae": 128, "training_tokens": 40 * 64, "train_batch_size_tokens": 64, "n_batches_for_norm_estimate": 3,

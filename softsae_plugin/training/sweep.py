@@ -14,7 +14,6 @@ FVE-vs-L0 plot.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -63,15 +62,13 @@ from softsae_plugin.training.guards import (
     write_guard_state,
 )
 from softsae_plugin.training.runs import local_sources_quietly, model_and_text, with_run_length
-from softsae_plugin.training.summary import SUMMARY_FILENAME, summarise_saved, write_summary
+from softsae_plugin.training.summary import summarise_saved, write_summary, write_sweep_table
 
 SWEEP_KEY = "saes"
 # The guard state's record of the SAEs that diverged (name -> step and cause): a resume leaves them out.
 DIVERGED_KEY = "diverged"
 # Per-SAE options that belong to the trainer rather than to the SAE's config.
 PER_SAE_TRAINER_KEYS: dict[str, Any] = {"lr": float}
-SWEEP_TABLE = "sweep_summary"
-SWEEP_PLOT = "sweep_fve_vs_l0.png"
 
 logger = logging.getLogger(__name__)
 
@@ -360,54 +357,6 @@ def heldout_batches_per_hook(
         if taken >= wanted:
             break
     return {hook: list(torch.cat(acts)[:wanted].split(batch_tokens)) for hook, acts in per_hook.items()}
-
-
-def write_sweep_table(
-    output_path: str | Path, names: Sequence[str], diverged: Mapping[str, Mapping[str, Any]] | None = None
-) -> Path:
-    """The sweep's table (Markdown and CSV) and its FVE-vs-L0 plot, from each SAE's training summary, with a row for
-    each SAE that diverged (its status: the step and the cause; no folder); returns the Markdown path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(output_path)
-    columns = ("SAE", "architecture", "k", "mean_l0", "train_mean_l0", "fve", "dead_fraction", "status")
-    rows = [{"SAE": n, **json.loads((out / n / SUMMARY_FILENAME).read_text()), "status": "trained"} for n in names]
-    failed = [
-        {**d, "SAE": name, "status": f"diverged at step {d['step']}: {d['cause']}; not saved"}
-        for name, d in (diverged or {}).items()
-    ]
-    with (out / f"{SWEEP_TABLE}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows + failed)
-    lines = [
-        f"# Sweep: {len(rows) + len(failed)} SAEs from one pass" + (f", {len(failed)} diverged" if failed else ""),
-        "",
-        f"FVE and mean L0 on {rows[0].get('eval_data', 'held-out data')}; the training L0 on the last training "
-        "batches.",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-    ]
-    for row in rows + failed:
-        cells = ["" if row.get(c) is None else row[c] for c in columns]
-        lines.append("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |")
-    (out / f"{SWEEP_TABLE}.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arch in sorted({str(row["architecture"]) for row in rows}):
-        mine = sorted((r for r in rows if r["architecture"] == arch), key=lambda r: r["mean_l0"])
-        ax.plot([r["mean_l0"] for r in mine], [r["fve"] for r in mine], marker="o", label=arch)
-    ax.set_xlabel("mean L0 (held out)")
-    ax.set_ylabel("FVE (held out)")
-    ax.set_title("Sweep: FVE against L0")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / SWEEP_PLOT, dpi=120)
-    plt.close(fig)
-    return out / f"{SWEEP_TABLE}.md"
 
 
 def _seeded_saes(cfg: MultiSAETrainingRunnerConfig) -> dict[str, TrainingSAE[Any]]:
