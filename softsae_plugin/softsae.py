@@ -454,7 +454,11 @@ class _SoftSAEBase:
         acts = F.relu(hidden_pre)
         codes = self.hook_sae_acts_post(hard_topk_per_row(acts, k, static_bound(acts, self.cfg.k_max)))  # type: ignore[attr-defined]
         # decode may skip counting these codes' non-zeros (a sync) while they are unchanged (their version counter).
-        _LAST_CODES[self] = (weakref.ref(codes), codes._version)
+        # Tensors made under torch.inference_mode() (SAEBench's evals) have no version counter: decode counts those.
+        if codes.is_inference():
+            _LAST_CODES.pop(self, None)
+        else:
+            _LAST_CODES[self] = (weakref.ref(codes), codes._version)
         return codes, hidden_pre
 
     def _encoded_here(self, codes: torch.Tensor) -> bool:

@@ -173,3 +173,18 @@ def test_soft_topk_with_a_static_bound_gives_the_full_solves_weights(tau):
         soft_topk(x, k, 0.01, k_bound=0)
     with pytest.raises(ValueError, match="tau must be > 0, got tau=-1"):
         soft_topk(x, k, -1.0, k_bound=20)
+
+
+def test_encode_and_decode_work_under_inference_mode():
+    """SAEBench's evals encode and decode under torch.inference_mode(), whose tensors have no version counter: the
+    same codes and reconstruction as under no_grad."""
+    torch.manual_seed(0)
+    sae = SoftSAE(SoftSAEConfig(d_in=16, d_sae=256, k=4, dtype="float32", device="cpu"))
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        codes = sae.encode(x)
+        expected = sae.decode(codes)
+    with torch.inference_mode():
+        inference_codes = sae.encode(x)
+        assert torch.equal(inference_codes, codes)
+        assert torch.allclose(sae.decode(inference_codes), expected)
