@@ -29,6 +29,8 @@ takes an estimated 55-60 minutes on 2 idle cores (the issue's hard limit is 2 h)
 another busy process were measured 30x slower than one thread here, so
 pass `--threads 1` (~92 min) when the machine is not idle. The report states each run's wall time.
 Deterministic given --seed and --threads (CPU; fixed seeds for data order, initialisation and text sampling).
+Resumable: each section is a stage (`lab.stages.stage`) whose numbers are saved to WORK/<section>.json with the
+settings it read, so a rerun at the same scale and seed reads every finished section back and rewrites the same report.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from lab.measures import (
     spearman,
 )
 from lab.saes import ARCHITECTURES, sae_config
+from lab.stages import stage
 from lab.tables import results_json
 from lab.text import english_sentences
 from lab.training import learning_rate_then_k_sweep, train_and_load
@@ -171,7 +174,6 @@ def train_embedding_run(
         "overrides": overrides,
         "summary": summary,
         "k_hat": k_hat,
-        "sae": inference,
     }
 
 
@@ -207,7 +209,7 @@ def run_embedding_setting(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]
         "sweep_k": sweep_k,
         "sweep": runs,
         "best_lr": best_lr,
-        "main": main,
+        "main": list(main.values()),  # records (JSON has no tuple keys); `run` keys them by (arch, k) again
         "ablations": ablations,
         "adaptivity": adaptivity,
     }
@@ -322,6 +324,8 @@ def run_lm_setting(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
             run["sae"], model, heldout_tokens, special, n_batches=scale.lm_eval_batches, prompts=scale.lm_eval_prompts
         )
     adaptivity = lm_adaptivity(main[("softsae", sweep_k)]["sae"], heldout, train_ids, model)
+    for run in runs + list(main.values()):
+        run.pop("sae", None)  # the report reads only what was measured on it; the model stays in work/lm_runs
     return {
         "hook_name": hook_name,
         "cache_seconds": cache_seconds,
@@ -330,7 +334,7 @@ def run_lm_setting(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
         "sweep_k": sweep_k,
         "sweep": runs,
         "best_lr": best_lr,
-        "main": main,
+        "main": list(main.values()),
         "adaptivity": adaptivity,
     }
 
@@ -354,7 +358,7 @@ SYNTHETIC_VARIANTS: dict[str, tuple[bool, float, int, dict[str, Any]]] = {
 
 def run_synthetic(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
     """SoftSAE on inputs with a known number of ground-truth directions, at natural scale and normalised, and the
-    variants of `SYNTHETIC_VARIANTS` on the normalised set."""
+    variants of `SYNTHETIC_VARIANTS` on the normalised set; "variants" maps each variant's name to its numbers."""
     results = {}
     for name, (normalise, lr, step_factor, overrides) in SYNTHETIC_VARIANTS.items():
         x, counts, directions = synthetic_activations(
@@ -408,11 +412,28 @@ def run_synthetic(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
             "true": true,
         }
         bar.update()
-    return results
+    return {"variants": results}  # beside the keys `stage` adds (its inputs, "seconds")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The command
+
+# Result key -> (stage name, section, the `Scale` fields it reads: its own prefix and the shared settings).
+SECTIONS = {
+    "synth": ("synthetic", run_synthetic, ("synth_", "seed")),
+    "emb": ("embedding", run_embedding_setting, ("emb_", "n_texts", "lrs", "seed")),
+    "lm": ("language_model", run_lm_setting, ("lm_", "lrs", "context_size", "seed")),
+}
+
+
+def section_inputs(scale: Scale, prefix: str, *shared: str) -> dict[str, Any]:
+    """The settings of `scale` a section reads (fields starting with `prefix`, and `shared`), recorded with its
+    stage so that a changed scale or seed reruns that section and only that one."""
+    return {
+        f.name: getattr(scale, f.name)
+        for f in dataclasses.fields(scale)
+        if f.name.startswith(prefix) or f.name in shared
+    }
 
 
 def run(scale_name: str, out: Path, report: Path, work: Path, *, seed: int | None = None) -> dict[str, Any]:
@@ -424,26 +445,34 @@ def run(scale_name: str, out: Path, report: Path, work: Path, *, seed: int | Non
     work.mkdir(parents=True, exist_ok=True)
     n_emb = len(ARCHITECTURES) * (len(scale.lrs) + len(scale.emb_ks) - 1) + len(ablation_settings(1))
     n_lm = len(ARCHITECTURES) * (len(scale.lrs) + len(scale.lm_ks) - 1)
-    start = time.perf_counter()
     results: dict[str, Any] = {}
-    with tqdm(total=n_emb + n_lm + len(SYNTHETIC_VARIANTS), desc="reproduce", unit="run") as bar:
-        results["synth"] = run_synthetic(scale, work, bar)
-        results["emb"] = run_embedding_setting(scale, work, bar)
-        results["lm"] = run_lm_setting(scale, work, bar)
-    results["seconds"] = time.perf_counter() - start
+    # Each section is a stage: work/<stage>.json keeps its numbers with the settings they came from.
+    with tqdm(total=n_emb + n_lm + len(SYNTHETIC_VARIANTS) + len(SECTIONS), desc="reproduce", unit="run") as bar:
+        for key, (name, section, fields) in SECTIONS.items():
+            inputs = {"scale": section_inputs(scale, *fields)}
+            results[key] = stage(work, name, bar, lambda section=section: section(scale, work, bar), inputs)
+            del results[key]["scale"]
+    # The sections' own wall times as they were measured, so that a rerun reading them back writes the same report.
+    results["seconds"] = sum(results[key].pop("seconds") for key in SECTIONS)
+    results["synth"] = results["synth"]["variants"]
+    for key in ("emb", "lm"):
+        results[key]["main"] = {(r["arch"], r["k"]): r for r in results[key]["main"]}
     write_report(results, scale_name, scale, out, report)
     (out / "results.json").write_text(json.dumps(results_json(results), indent=1, default=str) + "\n")
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: --scale tiny|full, --out (plots), --report (Markdown), --work (embeddings, caches, SAEs)."""
+    """Command line: --scale tiny|full, --out (plots), --report (Markdown), --work (stages, caches and SAEs)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", default="full", choices=sorted(SCALES))
     parser.add_argument("--out", type=Path, default=Path("eval/report"), help="folder for the PNG plots")
     parser.add_argument("--report", type=Path, default=None, help="Markdown report (default: OUT/../REPORT.md)")
     parser.add_argument(
-        "--work", type=Path, default=None, help="embeddings, activation caches and SAEs (default: runs/reproduce-SCALE)"
+        "--work",
+        type=Path,
+        default=None,
+        help="stage results, embeddings, caches and SAEs (default: runs/reproduce-SCALE)",
     )
     parser.add_argument("--seed", type=int, default=None, help="seed of every run and data order (default 42)")
     parser.add_argument(

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))  # as w
 
 from lab.activations import cached_activations, spread_sample
 from lab.saes import ARCHITECTURES
-from lab.stages import CHECKPOINT_RUN, resume_point
+from lab.stages import CHECKPOINT_RUN, resume_point, stage
 from lab.tables import fixed, write_csv
 from lab.training import learning_rate_then_k_sweep
 
@@ -26,6 +26,26 @@ def test_a_stage_resumes_from_its_last_checkpoint_only_when_it_was_written_for_t
     assert resume_point(folder, {"lr": 1e-3}).name == "2048"  # numbered, not sorted as text
     assert resume_point(folder, {"lr": 3e-3}) is None  # another run's checkpoints: deleted
     assert not (folder / CHECKPOINT_RUN).exists() and (folder / "inputs.json").exists()
+
+
+def test_a_stage_hands_on_its_result_as_read_back_and_reruns_only_for_changed_inputs(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"k_hat": np.array([1.5, 2.0]), "pair": (np.float32(0.25), 3), "by_k": {8: "a"}}
+
+    with tqdm(disable=True) as bar:
+        fresh = stage(tmp_path, "s", bar, compute, {"lrs": (1e-3,)})
+        again = stage(tmp_path, "s", bar, compute, {"lrs": (1e-3,)})
+        assert len(calls) == 1  # read back, not computed again
+        stage(tmp_path, "s", bar, compute, {"lrs": (3e-3,)})
+    assert len(calls) == 2  # another input: computed again
+    # The fresh result is the one a later run reads back: arrays and tuples as lists, keys as strings.
+    assert {key: value for key, value in fresh.items() if key != "seconds"} == {
+        "lrs": [1e-3], "k_hat": [1.5, 2.0], "pair": [0.25, 3], "by_k": {"8": "a"}
+    }  # fmt: skip
+    assert again == fresh
 
 
 def test_the_sweep_trains_each_architectures_other_ks_only_at_the_rate_that_scored_best():

@@ -1,9 +1,11 @@
 """eval/reproduce.py (issue 6): the pure helpers it takes from eval/lab, and the whole command at its smoke-test
 scale."""
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,15 +87,36 @@ def test_scales_share_every_section_and_the_full_scale_meets_the_issue():
     assert set(reproduce.SCALES) == {"tiny", "full"}
 
 
+def test_each_section_records_the_settings_it_reads_so_a_change_reruns_only_the_sections_that_read_it():
+    tiny = reproduce.SCALES["tiny"]
+    # A changed setting -> the sections whose stage inputs it changes (those run again; the others are read back).
+    reruns = {
+        ("lm_steps", 21): {"lm"},
+        ("synth_batch", 128): {"synth"},
+        ("n_texts", 320): {"emb"},
+        ("lrs", (1e-3,)): {"emb", "lm"},
+        ("seed", 7): {"synth", "emb", "lm"},
+    }
+    for (field, value), sections in reruns.items():
+        other = dataclasses.replace(tiny, **{field: value})
+        changed = {
+            key
+            for key, (_, _, fields) in reproduce.SECTIONS.items()
+            if reproduce.section_inputs(other, *fields) != reproduce.section_inputs(tiny, *fields)
+        }
+        assert changed == sections, field
+
+
 @pytest.mark.slow
-def test_tiny_reproduction_writes_the_report_plots_and_finite_tables(tmp_path):
-    out, report = tmp_path / "report", tmp_path / "REPORT.md"
+def test_tiny_reproduction_writes_the_report_plots_and_finite_tables_and_a_rerun_reads_every_section_back(tmp_path):
+    out, report, work = tmp_path / "report", tmp_path / "REPORT.md", tmp_path / "work"
     command = [sys.executable, str(SCRIPT), "--scale", "tiny", "--threads", "1", "--out", str(out), "--report",
-               str(report), "--work", str(tmp_path / "work")]  # fmt: skip
+               str(report), "--work", str(work)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     text = report.read_text()
+    _rerun_reads_every_section_back(command, env, work, [report, out / "results.json"])
     for heading in ("## f. Goals", "## a. Embedding", "## b. Language-model", "## c. Sparsity", "## d. Adaptivity",
                     "## e. Ablations"):  # fmt: skip
         assert heading in text
@@ -121,3 +144,19 @@ def test_tiny_reproduction_writes_the_report_plots_and_finite_tables(tmp_path):
         assert -1 <= run["spearman"] <= 1 and -1 <= run["spearman_positive_codes"] <= 1, name
     assert set(results["emb"]["ablations"]) == {"default", "tau anneal off", "target-k anneal off",
                                                 "hard final phase off", "paper budget (softplus)"}  # fmt: skip
+
+
+def _rerun_reads_every_section_back(command: list[str], env: dict[str, str], work: Path, written: list[Path]):
+    """Run `command` again on the same `work` folder: every section's stage is read back (its JSON untouched, no SAE
+    trained again) and the `written` files (report, numbers) come out byte for byte as the first run wrote them."""
+    first = {path: path.read_text() for path in written}
+    stages = {path.name: path.stat().st_mtime_ns for path in work.glob("*.json")}
+    assert set(stages) == {f"{name}.json" for name, _, _ in reproduce.SECTIONS.values()}
+    trained = [work / folder for folder in ("emb_runs", "lm_runs", "synthetic")]
+    for folder in trained:
+        shutil.rmtree(folder)  # a section run again would train its SAEs here anew
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert {path.name: path.stat().st_mtime_ns for path in work.glob("*.json")} == stages
+    assert not any(folder.exists() for folder in trained)
+    assert {path: path.read_text() for path in written} == first

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 # SAE-Lens files checkpoints under checkpoint_path/<wandb_id>: a fixed id lets a run cut short resume from them.
@@ -18,7 +19,8 @@ CHECKPOINT_RUN = "run"
 
 def stage(work: Path, name: str, bar: tqdm, compute: Callable[[], Any], inputs: dict[str, Any] | None = None) -> Any:
     """Run `compute` unless work/<name>.json holds its result for the same `inputs` (saved beside the result, so a
-    changed learning-rate grid or pick reruns the stages it feeds); save the result atomically when it finishes."""
+    changed learning-rate grid or pick reruns the stages it feeds); save the result atomically when it finishes.
+    Either way it returns the result as JSON reads it back (tuples as lists, arrays as lists, keys as strings)."""
     path = work / f"{name}.json"
     inputs = json.loads(json.dumps(inputs or {}))  # compared as JSON reads them back (tuples as lists)
     if path.exists():
@@ -31,11 +33,17 @@ def stage(work: Path, name: str, bar: tqdm, compute: Callable[[], Any], inputs: 
     start = time.perf_counter()
     result = {"seconds": None, **inputs, **compute()}
     result["seconds"] = time.perf_counter() - start
+    text = json.dumps(result, indent=1, default=_plain) + "\n"
     staged = path.with_suffix(".tmp")
-    staged.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    staged.write_text(text)
     staged.replace(path)
     bar.update()
-    return result
+    return json.loads(text)  # as a later run reads it back, so a fresh run and a resumed one hand on the same values
+
+
+def _plain(value: Any) -> Any:
+    """What JSON cannot write as it is: numpy arrays (per-input k_hat) as lists, other numbers (numpy's) as floats."""
+    return value.tolist() if isinstance(value, np.ndarray) else float(value)
 
 
 def numbered_checkpoints(path: Path) -> list[Path]:
