@@ -58,7 +58,7 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.import_module(new)
 
     def exec_module(self, module: ModuleType) -> None:
-        sys.modules[module.__spec__.name if module.__spec__ else module.__name__] = module
+        pass  # the new module has run already; importlib files it under the old name itself
 
 
 if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
