@@ -124,6 +124,8 @@ class SoftTrainingSAEConfig(TrainingSAEConfig):
             paper's one-sided budget (for reproducing the paper: it settles below the target).
         calibrate_hard_l0: in the hard phase, keep shifting the frozen k head's output bias so that the mean number
             of kept codes on training batches (rounding, clamping and the positive-code cap included) equals k.
+            None (the default) means on for "constraint" and off for "softplus", which is the paper's method as
+            published; set it to True to calibrate the paper's budget too. The saved config records the choice.
         sparsity_coefficient: lambda, the weight of the softplus budget term (sparsity_control="softplus").
         sparsity_beta: beta, the sharpness of the softplus budget term (sparsity_control="softplus").
         aux_loss_coefficient: the weight of the AuxK dead-latent loss (normalised MSE).
@@ -151,7 +153,7 @@ class SoftTrainingSAEConfig(TrainingSAEConfig):
     k_anneal_steps: int | None = None
     hard_topk_steps: int | None = None
     sparsity_control: str = "constraint"
-    calibrate_hard_l0: bool = True
+    calibrate_hard_l0: bool | None = None
     sparsity_coefficient: float = 1.0
     sparsity_beta: float = 5.0
     aux_loss_coefficient: float = 1 / 32
@@ -164,6 +166,8 @@ class SoftTrainingSAEConfig(TrainingSAEConfig):
 
     def __post_init__(self) -> None:
         _check_inference_fields(self)
+        if self.calibrate_hard_l0 is None:
+            self.calibrate_hard_l0 = self.sparsity_control == "constraint"
         checks = {
             "tau": (self.tau, self.tau > 0, "> 0"),
             "tau_start": (self.tau_start, self.tau_start is None or self.tau_start > 0, "> 0 or None"),
