@@ -177,14 +177,26 @@ def train_embedding_run(
     }
 
 
-def run_embedding_setting(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
-    """Section a (and the embedding parts of c, d, e): the LR sweep, the k sweep and the ablations."""
+def embedding_data(scale: Scale, work: Path) -> dict[str, Any]:
+    """The embedding setting's data: MiniLM embeddings of the sentences (embedded once into work/), the last tenth
+    held out ("heldout", with their "texts"), the rest "train"; "seconds": the embedding's wall time."""
     texts = english_sentences(scale.n_texts, scale.seed)
     start = time.perf_counter()
     embeddings = embed_texts(texts, work / "minilm_embeddings.safetensors")
-    embed_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     n_heldout = max(len(texts) // 10, scale.emb_batch)
-    data = {"train": embeddings[:-n_heldout], "heldout": embeddings[-n_heldout:], "texts": texts[-n_heldout:]}
+    return {
+        "train": embeddings[:-n_heldout],
+        "heldout": embeddings[-n_heldout:],
+        "texts": texts[-n_heldout:],
+        "seconds": seconds,
+    }
+
+
+def run_embedding_setting(scale: Scale, work: Path, bar: tqdm) -> dict[str, Any]:
+    """Section a (and the embedding parts of c, d, e): the LR sweep, the k sweep and the ablations."""
+    data = embedding_data(scale, work)
+    texts, n_heldout, embed_seconds = data["texts"], len(data["heldout"]), data["seconds"]
     sweep_k = scale.emb_ks[len(scale.emb_ks) // 2]
     runs, best_lr, main = learning_rate_then_k_sweep(
         lambda arch, k, lr: train_embedding_run(arch, k, lr, data, scale, work),
