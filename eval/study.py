@@ -45,7 +45,7 @@ from lab.measures import lm_adaptivity, loss_recovered, training_curve
 from lab.saes import ARCHITECTURES, k_hat_of, sae_config
 from lab.stages import CHECKPOINT_RUN, resume_point, stage, stage_seconds
 from lab.text import mixed_token_rows
-from study_report import converged, write_report
+from study_report import converged, per_letter_absorption, write_report
 from tqdm.auto import tqdm
 
 from softsae_plugin.training.summary import summarise
@@ -130,6 +130,13 @@ SCALES = {
 }
 
 
+SPLITS = ("train", "heldout", "validation")
+EVAL_DATA = {
+    "heldout": "held-out text (test set): every 10th Wikipedia paragraph and Lee article, never trained on",
+    "validation": "held-out text (validation set): other held-out rows than the test set's, never trained on",
+}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training: one sweep per stage, resumable from its checkpoints
 
@@ -148,10 +155,12 @@ def train_stage(
     data: dict[str, Any],
     work: Path,
     checkpoints: bool,
+    measure_on: str = "heldout",
 ) -> dict[str, Any]:
     """One sweep (`softsae_plugin.sweep.train_sweep_on_activations`: SAE-Lens' multi trainer, the same batches for
-    every SAE, each at its own learning rate): `saes` maps SAE name -> (architecture, k, lr). Continues from the
-    stage's last checkpoint when one exists."""
+    every SAE, each at its own learning rate): `saes` maps SAE name -> (architecture, k, lr); each SAE's summary is
+    measured on `data[measure_on]` (the test set, or the validation set of the learning-rate choice). Continues from
+    the stage's last checkpoint when one exists."""
     from sae_lens.saes.sae import SAEMetadata
 
     from softsae_plugin.offline.smollm2 import SMOLLM2_ID
@@ -189,13 +198,15 @@ def train_stage(
     if resume is not None:
         sweep.runner.resume_from_checkpoint = str(resume)
     shutil.rmtree(out, ignore_errors=True)  # a folder left by a run cut short while saving
-    train_sweep_on_activations(
-        data["train"],
-        sweep,
-        eval_activations=data["heldout"],
-        eval_data="held-out text: every 10th Wikipedia paragraph and Lee article, never trained on",
-    )
+    train_sweep_on_activations(data["train"], sweep, eval_activations=data[measure_on], eval_data=EVAL_DATA[measure_on])
     return {"resumed_from": None if resume is None else resume.name}  # `stage` saves the inputs beside it
+
+
+def _rows_after(n: int, total: int) -> range:
+    """The validation rows: the `n` held-out rows after the first `n` (the test set), as many as there are."""
+    if total < 2 * n:
+        raise ValueError(f"the held-out text has {total} rows; the study needs {2 * n} (test and validation sets)")
+    return range(n, 2 * n)
 
 
 def stage_inputs(saes: dict[str, tuple[str, int, float]], tokens: int, scale: StudyScale) -> dict[str, Any]:
@@ -250,36 +261,46 @@ def run(scale_name: str, work: Path, report: Path, plots: Path) -> dict[str, Any
         from datasets import load_from_disk
 
         rows = {split: load_from_disk(str(work / f"rows-{split}")) for split in ("train", "heldout")}
+        # The held-out text's first rows are the reported test set; the next as many are the validation set the
+        # learning rate is chosen on, so that no reported number is measured on the rows that chose it.
+        rows["validation"] = rows["heldout"].select(_rows_after(scale.heldout_rows, len(rows["heldout"])))
         rows["heldout"] = rows["heldout"].select(range(min(scale.heldout_rows, len(rows["heldout"]))))
         if scale.train_rows is not None:
             rows["train"] = rows["train"].select(range(min(scale.train_rows, len(rows["train"]))))
 
         def cache() -> dict[str, Any]:
-            for split in ("train", "heldout"):
+            for split in SPLITS:
                 folder = work / f"cache-{split}"
                 cache_activations(
                     model, rows[split], folder, hook, context_size=scale.context_size, seed=scale.seeds[0]
                 )
             return {split: len(rows[split]) * scale.context_size for split in rows}
 
-        cache_result = stage(work, "cache", bar, cache)
+        cache_result = stage(work, "cache", bar, cache, {"splits": SPLITS})
         train_cache = cached_activations(work / "cache-train" / "cache", hook, special)
         heldout_cache = cached_activations(work / "cache-heldout" / "cache", hook, special)
+        validation_cache = cached_activations(work / "cache-validation" / "cache", hook, special)
         data = {
             "d_in": model.cfg.d_model,
             "train": train_cache["acts"][train_cache["keep"]],
             "heldout": heldout_cache["acts"][heldout_cache["keep"]],
+            "validation": validation_cache["acts"][validation_cache["keep"]],
         }
+        del validation_cache
         del train_cache["acts"]
 
         sweep = {f"{arch}-lr{lr:g}": (arch, scale.sweep_k, lr) for arch in ARCHITECTURES for lr in scale.lrs}
 
         def lr_sweep() -> dict[str, Any]:
-            result = train_stage("lr", sweep, scale.sweep_tokens, scale.seeds[0], scale, data, work, False)
+            result = train_stage(
+                "lr", sweep, scale.sweep_tokens, scale.seeds[0], scale, data, work, False, measure_on="validation"
+            )
             fve = {n: json.loads((work / "lr" / n / "training_summary.json").read_text())["fve"] for n in sweep}
             return {**result, "fve": fve}
 
-        lrs = stage(work, "lr", bar, lr_sweep, stage_inputs(sweep, scale.sweep_tokens, scale))
+        lrs = stage(
+            work, "lr", bar, lr_sweep, {**stage_inputs(sweep, scale.sweep_tokens, scale), "measured_on": "validation"}
+        )
         lrs["best_lr"] = {a: max(scale.lrs, key=lambda lr, a=a: lrs["fve"][f"{a}-lr{lr:g}"]) for a in ARCHITECTURES}
         for k, seed in main_stages:
             names = run_names(k, seed)
@@ -377,7 +398,8 @@ def run(scale_name: str, work: Path, report: Path, plots: Path) -> dict[str, Any
             ]
             subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             with (out / "summary.csv").open() as f:
-                return {"command": " ".join(command[1:]), "rows": list(csv.DictReader(f))}
+                rows = list(csv.DictReader(f))
+            return {"command": " ".join(command[1:]), "rows": rows, "per_letter": per_letter_absorption(out)}
 
         absorbed = stage(work, "absorption", bar, absorption, picked)
     results = {

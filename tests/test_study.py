@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tqdm.auto import tqdm
 
@@ -25,22 +26,87 @@ def curve(fves, dead=0.0, total=1000):
 
 
 @pytest.mark.parametrize(
-    ("fves", "dead", "converged", "move"),
+    ("fves", "dead", "fit", "two_point"),
     [
-        ([0.5, 0.7, 0.8, 0.85, 0.88, 0.89, 0.895, 0.898, 0.899, 0.900], 0.01, True, 0.001),
-        ([0.5, 0.7, 0.8, 0.85, 0.88, 0.89, 0.895, 0.898, 0.896, 0.900], 0.01, False, 0.004),  # still moving
-        ([0.5, 0.7, 0.8, 0.85, 0.88, 0.89, 0.895, 0.898, 0.899, 0.900], 0.06, False, 0.001),  # too many dead
+        ([0.5, 0.7, 0.8, 0.85, 0.88, 0.897, 0.898, 0.899, 0.899, 0.900], 0.01, True, True),
+        # One checkpoint's jitter (the 90% point): the two-point reading says still moving, the line through the
+        # last 40% does not.
+        ([0.5, 0.7, 0.8, 0.85, 0.88, 0.897, 0.899, 0.900, 0.896, 0.900], 0.01, True, False),
+        # A steady climb of 0.003 per 10% of the tokens: both readings see it.
+        ([0.5, 0.7, 0.8, 0.85, 0.88, 0.888, 0.891, 0.894, 0.897, 0.900], 0.01, False, False),
+        ([0.5, 0.7, 0.8, 0.85, 0.88, 0.897, 0.898, 0.899, 0.899, 0.900], 0.06, False, False),  # too many dead
     ],
 )
-def test_a_run_converged_when_few_latents_are_dead_and_its_last_tenth_moved_little(fves, dead, converged, move):
+def test_convergence_is_read_from_a_line_through_the_last_checkpoints_and_from_two_points(fves, dead, fit, two_point):
     points, final = curve(fves, dead)
-    verdict, measured = study_report.converged(points, final)
-    assert verdict is converged
-    assert measured == pytest.approx(move)
+    reading = study_report.convergence(points, final)
+    assert (reading["fit"], reading["two_point"]) == (fit, two_point)
+    assert study_report.converged(points, final) == (fit, reading["fit_move"])
+    tail = [p for p in points if p["tokens"] >= 0.6 * points[-1]["tokens"]]
+    slope = np.polyfit([p["tokens"] / points[-1]["tokens"] for p in tail], [p["fve"] for p in tail], 1)[0]
+    assert reading["fit_move"] == pytest.approx(0.1 * slope)
+    assert reading["fit_se"] >= 0
 
 
 def test_a_run_with_no_checkpoint_cannot_be_called_converged():
-    assert study_report.converged([{"tokens": 10, "fve": 0.9}], {"dead_fraction": 0.0}) == (False, math.inf)
+    reading = study_report.convergence([{"tokens": 10, "fve": 0.9}], {"dead_fraction": 0.0})
+    assert not reading["fit"] and not reading["two_point"] and reading["fit_move"] == math.inf
+
+
+def letters(fractions, positives=100):
+    return {letter: {"fraction": f, "positives": positives} for letter, f in zip("abcdefgh", fractions, strict=False)}
+
+
+def test_the_paired_letter_comparison_counts_each_letter_and_names_the_one_that_drives_the_mean():
+    soft = letters([0.1, 0.2, 0.1, 0.9, 0.0])
+    topk = letters([0.2, 0.1, 0.1, 0.1, 0.1])
+    pair = study_report.paired_letters(soft, topk)
+    assert pair["letters"] == 5 and (pair["lower"], pair["higher"]) == (2, 2)
+    assert pair["mean"] == pytest.approx((-0.1 + 0.1 + 0 + 0.8 - 0.1) / 5)
+    assert pair["largest"] == "d" and pair["mean_without_largest"] == pytest.approx(-0.1 / 4)
+    assert pair["sign_p"] == pytest.approx(1.0)  # 2 of 4 non-zero differences each way
+    pair = study_report.paired_letters(letters([0.0] * 6), letters([0.1] * 6))
+    assert pair["sign_p"] == pytest.approx(2 / 2**6)  # exact two-sided sign test, every letter lower
+    sentence = study_report.paired_sentence(pair, "TopK", "here")
+    assert "lower on 6, higher on 0 (sign test p = 0.03)" in sentence
+
+
+def test_the_absorption_sentences_follow_the_numbers():
+    absorb = {("topk", 42): {"absorption": 0.08}, ("matryoshka_batchtopk", 42): {"absorption": 0.28}}
+    per_letter = {("softsae", 42): letters([0.1, 0.3]), ("topk", 42): letters([0.1, 0.1])}
+    failed = study_report.absorption_context(absorb, per_letter, "the probe")
+    assert "SoftSAE minus TopK +0.1000" in failed[0] and "the control **fails**" in failed[1]
+    absorb[("matryoshka_batchtopk", 42)] = {"absorption": 0.05}
+    per_letter[("softsae", 42)] = letters([0.0, 0.0])
+    held = study_report.absorption_context(absorb, per_letter, "the probe")
+    assert "SoftSAE minus TopK -0.1000" in held[0] and held[1].endswith("the control holds.")
+    scale = {"sweep_k": 32, "d_sae": 2304}
+    assert "2,304 latents, at k = 32" in study_report.regime_label(scale)
+    assert "65,536 latents, at k = 96" in study_report.regime_label({"sweep_k": 96, "d_sae": 65536})
+
+
+def test_the_fve_verdict_follows_the_differences_and_the_measured_spread():
+    scale = {"seeds": [42, 43], "sweep_k": 32, "ks": [32], "absorption_vocab_size": None}
+    runs = {"s": {"arch": "softsae", "k": 32, "seed": 42, "summary": {"mean_l0": 32.0}}}
+    results = {"scale": scale, "measures": {"runs": runs}}
+    ok = {(a, 32, s): True for a in ARCHITECTURES for s in (42, 43)}
+    spread = {"softsae": 0.002, "topk": 0.001}
+    ahead = study_report.claims(results, [0.01], spread, {}, ok, {})[1]
+    behind = study_report.claims(results, [-0.01], spread, {}, ok, {})[1]
+    level = study_report.claims(results, [0.001], spread, {}, ok, {})[1]
+    assert ahead.endswith("SoftSAE is ahead.") and behind.endswith("SoftSAE is behind.")
+    assert level.endswith("SoftSAE is level (within seed noise).") and "up to 0.0020" in level
+    unmeasured = study_report.claims(results, [0.01], {"softsae": math.nan}, {}, ok, {})[1]
+    assert "not judged" in unmeasured and "ahead" not in unmeasured
+
+
+def test_the_limitations_follow_the_settings():
+    scale = {"ks": [16, 32, 64], "sweep_k": 32, "layer": 6, "d_sae": 2304, "training_tokens": 2_048_000,
+             "lr_decay_fraction": 0.0, "seeds": [42, 43], "lrs": [1e-3, 3e-3]}  # fmt: skip
+    text = "\n".join(study_report.limitations({"scale": scale}))
+    assert "k up to 64" in text and "constant learning rate" in text and "one at k 16, 64" in text
+    decayed = "\n".join(study_report.limitations({"scale": {**scale, "ks": [32, 128], "lr_decay_fraction": 0.2}}))
+    assert "k up to 128" in decayed and "decays over the last 20%" in decayed
 
 
 def test_lee_articles_hold_out_every_tenth_and_train_on_the_rest():
