@@ -1,11 +1,16 @@
 """Which sparsity control SoftSAE defaults to, chosen by measurement (issue 23, item 4).
 
-    .venv/bin/python eval/controllers.py                 # ~25 min on 2 idle cores -> eval/results/controllers/
-    .venv/bin/python eval/controllers.py --scale tiny --out /tmp/c   # smoke test (~1 min)
+    .venv/bin/python eval/controllers.py                    # embeddings, ~25 min on 2 idle cores
+    .venv/bin/python eval/controllers.py --setting smollm2  # after `make study`'s cache and lr stages, ~2 h
+    .venv/bin/python eval/controllers.py --scale tiny --out /tmp/c   # smoke test of the embedding setting
 
-The embedding setting of `make reproduce` (eval/REPORT.md section a, its full scale: MiniLM embeddings of 20,295
-sentences, d_sae 3072, 800 steps of batch 512, lr 3e-3, which every architecture picked there), k = 32, three seeds
-(initialisation and batch order; the data and its held-out tenth are the same). SoftSAE with each control:
+Two settings, three seeds each (initialisation and batch order; the data and its held-out part are the same):
+  embeddings  `make reproduce`'s (eval/REPORT.md section a, full scale: MiniLM embeddings of 20,295 sentences, d_sae
+              3072, 800 steps of batch 512, lr 3e-3, which every architecture picked there), k = 32;
+  smollm2     `make study`'s (eval/STUDY.md: SmolLM2-135M layer 6, d_sae 2304, 2,048,000 tokens of batch 1024, the
+              study's cached activations and its learning-rate picks, measured on its test set), k = 32; each seed
+              one sweep (SAE-Lens' multi trainer, the same batches for every SAE).
+SoftSAE with each control:
 
   constraint           every soft-phase batch's mean k_hat held at k, the hard phase calibrated (the default so far)
   softplus (paper)     the paper's one-sided budget, no calibration: the paper as published
@@ -15,14 +20,15 @@ and TopK at k 24, 28 and 32 with the same seeds, so that each SoftSAE run is com
 seed interpolated at the SoftSAE run's held-out L0 (`lab.measures.matched_fve`). The winner is the control with the
 highest mean FVE gain over TopK at matched L0 among those whose held-out and training L0 are within 2% of k (a
 calibrated control must land there; the paper's does not promise it). Writes runs.csv, summary.md (the table, mean
-and sd over seeds, and the verdict, every sentence computed from the numbers) and frontier.png. Resumable: every run
-is a stage saved under --work.
+and sd over seeds, and the verdict, every sentence computed from the numbers) and frontier.png under
+eval/results/controllers/<setting>. Resumable: every run (embeddings) or seed (smollm2) is a stage saved under --work.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,8 +55,9 @@ LR = 3e-3
 L0_TOLERANCE = 0.02
 
 
-def run_all(scale_name: str, work: Path) -> list[dict[str, Any]]:
-    """Every run (SoftSAE per control and seed, TopK per k and seed) as flat records, each a saved stage."""
+def run_embeddings(scale_name: str, work: Path) -> tuple[list[dict[str, Any]], str]:
+    """Every embedding-setting run (SoftSAE per control and seed, TopK per k and seed) as flat records, each a saved
+    stage, and the setting's description."""
     scale = SCALES[scale_name]
     k = K if scale_name == "full" else scale.emb_ks[-1]
     topk_ks = TOPK_KS if scale_name == "full" else (k - 4, k)
@@ -68,12 +75,82 @@ def run_all(scale_name: str, work: Path) -> list[dict[str, Any]]:
                 result = train_embedding_run(arch, run_k, LR, data, seeded, work / f"seed{seeded.seed}", **overrides)
                 return {"summary": result["summary"], "train_seconds": result["seconds"]}
 
-            slug = f"{arch}-{name.split(' ')[0]}-k{run_k}-seed{seed}".replace("+", "-")
-            result = stage(work, slug, bar, train, inputs)
-            summary = result["summary"]
-            measured = {"fve": summary["fve"], "l0": summary["mean_l0"], "train_l0": summary["train_mean_l0"]}
-            records.append({**inputs, **measured, "train_seconds": result["train_seconds"]})
-    return records
+            result = stage(work, _slug(arch, name, run_k, seed), bar, train, inputs)
+            records.append({**inputs, **_measured(result["summary"]), "train_seconds": result["train_seconds"]})
+    described = (
+        f"Embedding setting of `make reproduce` at its {scale_name} scale (MiniLM sentence embeddings, d_in "
+        f"{data['train'].shape[1]}, d_sae {scale.emb_d_sae_factor * data['train'].shape[1]}, {scale.emb_steps} steps "
+        f"of batch {scale.emb_batch}), lr {LR:g} for every run; L0 and FVE on the {len(data['heldout']):,} held-out "
+        "sentences, training L0 on as many training sentences."
+    )
+    return records, described
+
+
+def run_smollm2(study_work: Path, work: Path, scale_name: str) -> tuple[list[dict[str, Any]], str]:
+    """Every SmolLM2 run, one sweep per seed on `make study`'s cached activations (its work folder `study_work`, whose
+    text, cache and lr stages must have finished) at its learning-rate picks; flat records and the description."""
+    import study
+    from lab.activations import cached_activations
+    from sae_lens import SAE
+    from sae_lens.util import get_special_token_ids
+
+    from softsae_plugin.offline.smollm2 import load_smollm2
+    from softsae_plugin.training.summary import summarise
+
+    scale = study.SCALES[scale_name]
+    k = K if scale_name == "full" else scale.sweep_k
+    topk_ks = TOPK_KS if scale_name == "full" else (k - 4, k)
+    missing = [name for name in ("cache.json", "lr.json") if not (study_work / name).exists()]
+    if missing:
+        raise SystemExit(f"{study_work} has no {', '.join(missing)}: run `make study` (its cache and lr stages) first")
+    picks = json.loads((study_work / "lr.json").read_text())["fve"]
+    lr = {arch: max(scale.lrs, key=lambda v, a=arch: picks[f"{a}-lr{v:g}"]) for arch in ("softsae", "topk")}
+    hook = f"blocks.{scale.layer}.hook_resid_post"
+    special = get_special_token_ids(load_smollm2().tokenizer)
+    train = cached_activations(study_work / "cache-train" / "cache", hook, special)
+    heldout = cached_activations(study_work / "cache-heldout" / "cache", hook, special)
+    data = {"train": train["acts"][train["keep"]], "heldout": heldout["acts"][heldout["keep"]]}
+    data["d_in"] = data["train"].shape[1]
+    train_sample = data["train"][torch.linspace(0, len(data["train"]) - 1, 16384).long()]
+    names = {_slug("softsae", name, k, 0): ("softsae", name, k) for name in CONTROLS}
+    names.update({_slug("topk", "topk", topk_k, 0): ("topk", "topk", topk_k) for topk_k in topk_ks})
+    saes = {n: (arch, run_k, lr[arch]) for n, (arch, _, run_k) in names.items()}
+    overrides = {n: CONTROLS[name] for n, (_, name, _) in names.items() if name in CONTROLS}
+    records = []
+    with tqdm(total=len(SEEDS), desc="controller comparison (SmolLM2)", unit="seed") as bar:
+        for seed in SEEDS:
+
+            def sweep(seed: int = seed) -> dict[str, Any]:
+                study.train_stage(f"seed{seed}", saes, scale.training_tokens, seed, scale, data, work, True,
+                                  overrides=overrides)  # fmt: skip
+                measured = {}
+                for n in saes:
+                    folder = work / f"seed{seed}" / n
+                    summary = json.loads((folder / "training_summary.json").read_text())
+                    summary["train_mean_l0"] = summarise(SAE.load_from_disk(str(folder)), [train_sample])[0]["mean_l0"]
+                    measured[n] = summary
+                return {"summaries": measured}
+
+            inputs = {**study.stage_inputs(saes, scale.training_tokens, scale, overrides), "seed": seed}
+            result = stage(work, f"seed{seed}", bar, sweep, inputs)
+            for n, (arch, name, run_k) in names.items():
+                records.append({"arch": arch, "control": name, "k": run_k, "seed": seed, "lr": lr[arch],
+                                **_measured(result["summaries"][n])})  # fmt: skip
+    described = (
+        f"SmolLM2-135M setting of `make study` (`{hook}`, d_sae {scale.d_sae}, {scale.training_tokens:,} tokens of "
+        f"batch {scale.batch} per run, the study's cached activations), each architecture at the study's "
+        f"learning-rate pick (SoftSAE {lr['softsae']:g}, TopK {lr['topk']:g}); L0 and FVE on the study's "
+        f"{len(data['heldout']):,} held-out test tokens, training L0 on 16,384 training tokens."
+    )
+    return records, described
+
+
+def _slug(arch: str, name: str, k: int, seed: int) -> str:
+    return (f"{arch}-{name.split(' ')[0]}-k{k}" + (f"-seed{seed}" if seed else "")).replace("+", "-")
+
+
+def _measured(summary: dict[str, Any]) -> dict[str, float]:
+    return {"fve": summary["fve"], "l0": summary["mean_l0"], "train_l0": summary["train_mean_l0"]}
 
 
 def compare(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -133,9 +210,9 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
     return winner, lines
 
 
-def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out: Path, scale_name: str) -> str:
-    """runs.csv, summary.md and frontier.png under `out`; returns the winning control."""
-    scale = SCALES[scale_name]
+def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out: Path, described: str) -> str:
+    """runs.csv, summary.md and frontier.png under `out` (`described`: the setting, for the summary); returns the
+    winning control."""
     out.mkdir(parents=True, exist_ok=True)
     every = [*rows, *(r for r in records if r["arch"] == "topk")]
     write_csv(out / "runs.csv", every, list(dict.fromkeys(key for row in every for key in row)))
@@ -160,12 +237,10 @@ def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out
     lines = [
         "# SoftSAE's sparsity control, chosen by measurement (eval/controllers.py)",
         "",
-        f"Embedding setting of `make reproduce` at its {scale_name} scale (MiniLM sentence embeddings, d_in 384, d_sae "
-        f"{scale.emb_d_sae_factor * 384}, {scale.emb_steps} steps of batch {scale.emb_batch}), k = {k}, lr {LR:g}, "
-        f"seeds {', '.join(str(s) for s in sorted({r['seed'] for r in rows}))}; mean ± sd over seeds. L0 and FVE on "
-        "the held-out sentences; training L0 on as many training sentences. TopK's FVE at each run's L0 is "
-        f"interpolated on TopK's own runs at k {', '.join(str(k_) for k_ in sorted({r['k'] for r in topk}))} with the "
-        "same seed (* where a run's L0 lies outside them and the line is extended).",
+        f"{described} k = {k}, seeds {', '.join(str(s) for s in sorted({r['seed'] for r in rows}))}; mean ± sd over "
+        "seeds. TopK's FVE at each run's L0 is interpolated on TopK's own runs at k "
+        f"{', '.join(str(k_) for k_ in sorted({r['k'] for r in topk}))} with the same seed (* where a run's L0 lies "
+        "outside them and the line is extended).",
         "",
         *md_table(
             ["control", "seeds", "FVE", "L0", "L0 / k - 1", "train L0 / k - 1", "TopK FVE at L0", "gain at L0"], table
@@ -187,7 +262,7 @@ def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out
     ax.axvline(k, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("held-out mean L0")
     ax.set_ylabel("held-out FVE")
-    ax.set_title(f"SoftSAE controls against TopK (embeddings, k = {k}); chosen: {winner}", fontsize=9)
+    ax.set_title(f"SoftSAE controls against TopK ({out.name}, k = {k}); chosen: {winner}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)
@@ -196,19 +271,27 @@ def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run (or read back) every run and write the comparison."""
+    """Run (or read back) every run of a setting and write its comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", default="full", choices=sorted(SCALES))
-    parser.add_argument("--out", type=Path, default=REPO / "eval" / "results" / "controllers")
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "controllers")
+    parser.add_argument("--setting", default="embeddings", choices=("embeddings", "smollm2"))
+    parser.add_argument("--scale", default="full", choices=sorted(SCALES), help="reproduce's or the study's scale")
+    parser.add_argument("--out", type=Path, default=None, help="default: eval/results/controllers/SETTING")
+    parser.add_argument("--work", type=Path, default=None, help="default: runs/controllers-SETTING[-SCALE]")
+    parser.add_argument("--study-work", type=Path, default=None, help="smollm2: the study's (runs/study-SCALE)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (two compete badly with a busy core)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    work = args.work if args.scale == "full" else args.work.with_name(args.work.name + f"-{args.scale}")
+    suffix = "" if args.scale == "full" else f"-{args.scale}"
+    work = args.work or REPO / "runs" / f"controllers-{args.setting}{suffix}"
+    out = args.out or REPO / "eval" / "results" / "controllers" / args.setting
     work.mkdir(parents=True, exist_ok=True)
-    records = run_all(args.scale, work)
-    winner = write_results(compare(records), records, args.out, args.scale)
-    print((args.out / "summary.md").read_text())
+    if args.setting == "embeddings":
+        records, described = run_embeddings(args.scale, work)
+    else:
+        study_work = args.study_work or REPO / "runs" / f"study-{args.scale}"
+        records, described = run_smollm2(study_work, work, args.scale)
+    winner = write_results(compare(records), records, out, described)
+    print((out / "summary.md").read_text())
     print(f"chosen: {winner}")
 
 

@@ -156,11 +156,12 @@ def train_stage(
     work: Path,
     checkpoints: bool,
     measure_on: str = "heldout",
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One sweep (`softsae_plugin.sweep.train_sweep_on_activations`: SAE-Lens' multi trainer, the same batches for
     every SAE, each at its own learning rate): `saes` maps SAE name -> (architecture, k, lr); each SAE's summary is
-    measured on `data[measure_on]` (the test set, or the validation set of the learning-rate choice). Continues from
-    the stage's last checkpoint when one exists."""
+    measured on `data[measure_on]` (the test set, or the validation set of the learning-rate choice); `overrides`:
+    SAE name -> config options of its own. Continues from the stage's last checkpoint when one exists."""
     from sae_lens.saes.sae import SAEMetadata
 
     from softsae_plugin.offline.smollm2 import SMOLLM2_ID
@@ -172,7 +173,8 @@ def train_stage(
     options: dict[str, dict[str, Any]] = {}
     for sae_name, (arch, k, lr) in saes.items():
         own = {"k_max": 3 * k, "hard_topk_steps": round(scale.softsae_hard_fraction * steps)}
-        cfg = sae_config(arch, data["d_in"], scale.d_sae, k, **(own if arch == "softsae" else {}))
+        own = {**(own if arch == "softsae" else {}), **(overrides or {}).get(sae_name, {})}
+        cfg = sae_config(arch, data["d_in"], scale.d_sae, k, **own)
         options[sae_name] = {"architecture": arch, **_fields(cfg), "metadata": metadata, "lr": lr}
     out, checkpoint_path = work / name, work / f"{name}-checkpoints"
     shared = {
@@ -194,7 +196,7 @@ def train_stage(
         "wandb_id": CHECKPOINT_RUN,
     }
     sweep = build_sweep(shared, options)
-    resume = resume_point(checkpoint_path, stage_inputs(saes, tokens, scale)) if checkpoints else None
+    resume = resume_point(checkpoint_path, stage_inputs(saes, tokens, scale, overrides)) if checkpoints else None
     if resume is not None:
         sweep.runner.resume_from_checkpoint = str(resume)
     shutil.rmtree(out, ignore_errors=True)  # a folder left by a run cut short while saving
@@ -209,10 +211,16 @@ def _rows_after(n: int, total: int) -> range:
     return range(n, 2 * n)
 
 
-def stage_inputs(saes: dict[str, tuple[str, int, float]], tokens: int, scale: StudyScale) -> dict[str, Any]:
-    """What a training stage's result depends on: each SAE's architecture, k and learning rate, the tokens and the
-    schedule."""
+def stage_inputs(
+    saes: dict[str, tuple[str, int, float]],
+    tokens: int,
+    scale: StudyScale,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """What a training stage's result depends on: each SAE's architecture, k and learning rate (and its own config
+    options, where it has any), the tokens and the schedule."""
     return {
+        **({"overrides": overrides} if overrides else {}),
         "saes": {n: {"arch": a, "k": k, "lr": lr} for n, (a, k, lr) in saes.items()},
         "tokens": tokens // scale.batch * scale.batch,
         "schedule": {
