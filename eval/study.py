@@ -7,9 +7,11 @@ SmolLM2-135M (offline GGUF), `blocks.6.hook_resid_post`, English text from insta
 sample and Lee news corpus; every 10th paragraph or article held out, never trained on). Stages, each saved when it
 finishes and skipped when run again (a stage cut short resumes from its last checkpoint):
 
-  text      the training and held-out token rows
+  text      the training and held-out token rows; the held-out rows split into a test set (every reported number)
+            and a validation set (the learning-rate choice only)
   cache     their activations, once, with SAE-Lens' CacheActivationsRunner
-  lr        a learning-rate sweep at k = 32, all four architectures in one sweep (SAE-Lens' multi trainer)
+  lr        a learning-rate sweep at k = 32, all four architectures in one sweep (SAE-Lens' multi trainer), each
+            architecture's rate picked on the validation set
   k16/k32/k64, k32-seed43   the main runs: one sweep per k (a second seed at k = 32), 10 checkpoints each
   curves    held-out FVE and SAE-Lens' dead fraction at every checkpoint; the convergence verdict
   measures  held-out FVE, mean L0 (held out and on training tokens), loss recovered (SAE-Lens' evals), k_hat and
@@ -18,8 +20,9 @@ finishes and skipped when run again (a stage cut short resumes from its last che
             probe trains on 3,000 of the vocabulary's alphabetic tokens (the full vocabulary's 47,078 would take
             the study past its 2.5 h; eval/results/study-absorption-full-vocab holds the seed 42 SAEs on it)
 Stages remember their inputs: a changed learning-rate grid or pick reruns the stages it feeds.
-A run counts as converged when its dead fraction is below 5% and its held-out FVE moved by less than 0.002 over the
-last 10% of its tokens; only converged runs are compared.
+A run counts as converged when its dead fraction is below 5% and its held-out FVE moves by less than 0.002 over 10%
+of its tokens, read from a line fitted through the checkpoints of the last 40% (the two-point difference over the
+last 10% is reported beside it); only converged runs are compared.
 """
 
 from __future__ import annotations
