@@ -132,6 +132,13 @@ def write_report(results: dict[str, Any], scale_name: str, scale: Scale, out: Pa
         for r in (setting["main"][("softsae", k)] for k in ks)
     ]
     worst_l0 = max(abs(d) for _, d in l0_devs)
+    # The L0 the hard phase calibrates: on training inputs (the goal the calibration itself is held to).
+    train_devs = [
+        (name, r["summary"]["train_mean_l0"] / k - 1)
+        for name, setting, ks in (("embeddings", emb, scale.emb_ks), ("LM", lm, scale.lm_ks))
+        for k, r in ((k, setting["main"][("softsae", k)]) for k in ks)
+    ]
+    worst_train = max(abs(d) for _, d in train_devs)
     L += [
         "## f. Goals (issue 6, item 7)",
         "",
@@ -143,6 +150,8 @@ def write_report(results: dict[str, Any], scale_name: str, scale: Scale, out: Pa
         f"{_goal(lm_worst >= FVE_GOAL)} |",
         f"| mean L0 vs target k, worst SoftSAE run (both settings) | {100 * worst_l0:.1f}% | <= {100 * L0_GOAL:.0f}% | "
         f"{_goal(worst_l0 <= L0_GOAL)} |",
+        f"| mean training L0 vs target k, worst SoftSAE run (the L0 the hard phase calibrates) | "
+        f"{100 * worst_train:.1f}% | <= {100 * L0_GOAL:.0f}% | {_goal(worst_train <= L0_GOAL)} |",
         f"| Spearman(k_hat, true count), natural scale | {synth['natural']['spearman']:.3f} | >= "
         f"{SPEARMAN_NATURAL_GOAL} | {_goal(synth['natural']['spearman'] >= SPEARMAN_NATURAL_GOAL)} |",
         f"| Spearman(k_hat, true count), normalised inputs | {synth['normalised']['spearman']:.3f} | >= "
@@ -160,7 +169,7 @@ def write_report(results: dict[str, Any], scale_name: str, scale: Scale, out: Pa
     L += [row.replace("| ", "| embeddings | ", 1) for row in emb_rows] + [
         row.replace("| ", "| LM | ", 1) for row in lm_rows
     ]
-    L += ["", *miss_notes(results, scale, {"embeddings": emb_worst, "LM": lm_worst}, l0_devs)]
+    L += ["", *miss_notes(results, scale, {"embeddings": emb_worst, "LM": lm_worst}, l0_devs, train_devs)]
 
     # a. embeddings
     L += [
@@ -302,7 +311,11 @@ def write_report(results: dict[str, Any], scale_name: str, scale: Scale, out: Pa
 
 
 def miss_notes(
-    results: dict[str, Any], scale: Scale, worst_gap: dict[str, float], l0_devs: list[tuple[str, float]]
+    results: dict[str, Any],
+    scale: Scale,
+    worst_gap: dict[str, float],
+    l0_devs: list[tuple[str, float]],
+    train_devs: list[tuple[str, float]],
 ) -> list[str]:
     """For every missed goal, what was tried and the measured facts that bear on the likely reason."""
     notes = []
@@ -333,6 +346,14 @@ def miss_notes(
             f"above, of {len(l0_devs)}. The hard phase calibrates the L0 on training batches (section c shows it "
             "beside the held-out one); a held-out L0 off by more than that follows from the held-out inputs asking "
             "for more or fewer features than the training inputs (k_hat depends on the input)."
+        )
+    train_misses = [f"{name} {100 * dev:+.2f}%" for name, dev in train_devs if abs(dev) > L0_GOAL]
+    if train_misses:
+        notes.append(
+            f"- mean training L0 within {100 * L0_GOAL:.0f}% of target: missed by {', '.join(train_misses)}. The "
+            "calibration averages the shift it solves on each hard-phase batch (the running mean of its batches), "
+            "while the encoder keeps changing how many codes are positive, so the final SAE's training L0 trails "
+            "the last batches' by how far the encoder moved in the phase."
         )
     for name, goal in (("natural", SPEARMAN_NATURAL_GOAL), ("normalised", SPEARMAN_NORMALISED_GOAL)):
         r = results["synth"][name]
