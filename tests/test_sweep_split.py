@@ -67,7 +67,8 @@ def test_split_by_sae_exchanges_the_activations_and_data_parallel_the_gradients(
         assert counts["sae"]["per_rank"][rank]["by_op"] == {"all_gather": activations}
     parameters = {"soft": 3 * D_IN * D_SAE + 3 * D_SAE + D_IN + 1, "top": 2 * D_IN * D_SAE + D_SAE + D_IN}
     gradients = 8 * (parameters["soft"] + 2 * parameters["top"])  # batchtopk has topk's parameters
-    assert counts["data"]["per_rank"][0]["by_op"]["all_reduce"] >= gradients > 20 * activations
+    for rank in (0, 1):
+        assert counts["data"]["per_rank"][rank]["by_op"]["all_reduce"] >= gradients, counts["data"]
 
 
 def test_the_mode_is_split_by_sae_when_every_rank_gets_an_sae_and_data_parallel_otherwise():
