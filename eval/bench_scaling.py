@@ -223,7 +223,8 @@ def bench_modes(work: Path, env: dict[str, str], quick: bool) -> dict[str, list[
         args += ["--sweep_parallel", mode] if ranks > 1 else []
         command = counted_command(work / "counted.py", out, args, skip=skip, steps=steps)
         launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
-        run([*launcher, *command] if ranks > 1 else [sys.executable, *command], work, env)
+        # One thread per process, as torchrun gives each rank: the one process is one rank's worth of CPU.
+        run([*launcher, *command] if ranks > 1 else [sys.executable, *command], work, {**env, "OMP_NUM_THREADS": "1"})
         counted = bytes_per_step(out)
         rank_0 = counted["per_rank"][0]
         formula = bytes_by_mode(shapes, MODES_SHAPE["d_in"], batch, ranks, FLOAT32)[mode] if ranks > 1 else 0
@@ -251,14 +252,13 @@ def write_modes(results: dict[str, list[dict[str, Any]]], info: dict[str, Any], 
         write_csv(out / f"{PREFIX}_{section}.csv", rows, sorted({k for r in rows for k in r}))
     measured, computed = results["modes"], results["gemma_modes"]
     lines = [
-        f"Machine: {info['cpu_count']} cores, load average at start {info['load']}; torch threads per process: "
-        f"{info['threads']}.",
+        f"Machine: {info['cpu_count']} cores, load average at start {info['load']} (other work on the machine).",
         "",
         f"A sweep of {measured[0]['saes']} SAEs (SoftSAE, TopK and BatchTopK at k 16 and 32; d_in 576, d_sae 2304, "
         "float32) on a file of random activations, global batch 1,024: the bytes each rank hands to collectives per "
         "step, counted by torch.profiler's gloo events over the steps after the first ones (rank 0's; rank 1's are "
         "the same), against the formula used for the Gemma table; step time over the steps after those, unprofiled "
-        "(the slower rank's):",
+        "(the slower rank's), one thread per process:",
         "",
         "| mode | ranks | bytes / step / rank (counted) | formula | all ranks | collectives (rank 0) | ms / step |",
         "|---|---|---|---|---|---|---|",

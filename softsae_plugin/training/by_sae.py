@@ -85,13 +85,27 @@ def owner(name: str, names: Iterable[str]) -> int:
 def train_own_saes_only(trainer: Any) -> None:
     """Make each per-SAE step of the multi trainer `trainer` run on its owner only, on the whole batch it is given
     (`whole_batch_here`); on the other ranks the step only counts the batch's samples (SAE-Lens' loop reads them as
-    the sweep's clock), and the SAE's firing statistics, never updated there, are not logged."""
+    the sweep's clock), and the SAE's firing statistics and step outputs, never computed there, are neither logged
+    nor shown in the progress bar."""
+    own = {name: per_sae for name, per_sae in trainer.trainers.items() if owner(name, trainer.trainers) == rank()}
     for name, per_sae in trainer.trainers.items():
-        if owner(name, trainer.trainers) == rank():
+        if name in own:
             per_sae.step = _on_the_whole_batch(per_sae.step)
         else:
             per_sae.step = partial(_count_only, per_sae)
             per_sae.maybe_reset_sparsity = per_sae.full_sparsity_window_log = dict
+    trainer._log_train_step = partial(_own_outputs_only, trainer, trainer._log_train_step, own)
+    update_pbar = trainer._update_pbar
+    trainer._update_pbar = lambda outputs, *args: update_pbar({n: outputs[n] for n in own}, *args)
+
+
+def _own_outputs_only(trainer: Any, log: Any, own: dict[str, Any], outputs: dict[str, TrainStepOutput]) -> None:
+    # SAE-Lens' W&B step log reads every trainer's output: this rank's SAEs only (rank 0 alone logs to W&B).
+    every, trainer.trainers = trainer.trainers, own
+    try:
+        log({name: outputs[name] for name in own})
+    finally:
+        trainer.trainers = every
 
 
 def _on_the_whole_batch(step: Any) -> Any:
