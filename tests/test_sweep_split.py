@@ -1,5 +1,6 @@
 """Sweeps split by SAE across ranks (training/by_sae.py): each SAE as one process trains it, activations exchanged."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,14 @@ import yaml
 from test_distributed import ENV, TORCHRUN, max_relative_difference, train
 
 from softsae_plugin.training import by_sae
+from softsae_plugin.training.summary import SUMMARY_FILENAME
 from softsae_plugin.training.sweep import build_sweep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))  # as when the commands run
 from lab.traffic import bytes_per_step, counted_command
 
-D_IN, D_SAE, BATCH = 16, 64, 128
-# 20 steps of 128 vectors in float64, dead latents within a 3-step window (AuxK and the counters at work), a
+D_IN, D_SAE, BATCH = 16, 512, 128
+# 20 steps of 128 vectors in float64, dead latents (512 latents, a 3-step window: AuxK and the counters at work), a
 # checkpoint halfway: SoftSAE, TopK and BatchTopK (its top-k over the whole batch), two SAEs on rank 0, one on rank 1.
 SWEEP = {"d_sae": D_SAE, "training_tokens": 20 * BATCH, "train_batch_size_tokens": BATCH, "lr": 0.003, "seed": 3,
          "n_batches_for_norm_estimate": 3, "dead_feature_window": 3,
@@ -35,40 +37,44 @@ def folder(tmp_path_factory) -> Path:
     return folder
 
 
-def test_two_ranks_split_by_sae_train_each_sae_as_one_process_and_resume(folder):
-    """2 gloo ranks, the sweep split by SAE (the default): each SAE ends with the weights one process gives it, to
-    float64 rounding; the checkpoint written halfway (rank 1's SAE sent to rank 0) resumes to the same weights."""
+def counted_run(folder: Path, out: Path, *args: str) -> dict:
+    """`sae-lens train *args` on 2 gloo ranks in `folder`, with the bytes each rank hands to collectives counted by
+    the profiler over steps 4-7 (eval/lab/traffic.py); returns the counts."""
+    command = counted_command(out / "counted.py", out, list(args), skip=2, steps=4)
+    result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *command], capture_output=True,
+                            text=True, timeout=600, env=ENV, cwd=folder)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return bytes_per_step(out)
+
+
+def test_two_ranks_split_by_sae_exchange_only_activations_and_train_each_sae_as_one_process(folder, tmp_path):
+    """2 gloo ranks, the sweep split by SAE (the default): per step each rank hands collectives exactly its half of
+    the batch of activations (one all_gather, nothing else), and each SAE ends with the weights one process gives
+    it, to float64 rounding; the checkpoint written halfway (rank 1's SAE sent to rank 0) resumes to the same
+    weights."""
     args = ["--config", "sweep.yaml", "--activations", "acts.npy"]
     train(*args, "--output_path", "one", cwd=folder)
-    train(*args, "--output_path", "two", "--checkpoint_path", "ckpt", "--n_checkpoints", "1", ranks=2, cwd=folder)
+    counts = counted_run(folder, tmp_path, *args, "--output_path", "two", "--checkpoint_path", "ckpt",
+                         "--n_checkpoints", "1")  # fmt: skip
+    for rank in (0, 1):
+        assert counts["per_rank"][rank]["by_op"] == {"all_gather": BATCH // 2 * D_IN * 4}  # float32 activations
     (checkpoint,) = (folder / "ckpt").glob("*/*")
     train(*args, "--output_path", "resumed", "--resume", str(checkpoint), ranks=2, cwd=folder)
     for name in SWEEP["saes"]:
         assert max_relative_difference(folder / "one" / name, folder / "two" / name) < 1e-6, name
         assert max_relative_difference(folder / "two" / name, folder / "resumed" / name) < 1e-6, name
+        assert json.loads((folder / "two" / name / SUMMARY_FILENAME).read_text())["dead_fraction"] > 0, name
 
 
-def test_split_by_sae_exchanges_the_activations_and_data_parallel_the_gradients(folder, tmp_path):
-    """Bytes each rank hands to collectives per step, counted by the profiler over steps 4-7: split by SAE, exactly
-    the rank's half of the batch of activations (one all_gather, nothing else); data-parallel, at least every SAE's
-    gradients (float64) in all-reduces."""
-    counts = {}
-    for mode in ("sae", "data"):
-        out = tmp_path / mode
-        args = ["--config", str(folder / "sweep.yaml"), "--activations", str(folder / "acts.npy"), "--output_path",
-                str(tmp_path / f"{mode}-saes"), "--sweep_parallel", mode]  # fmt: skip
-        command = counted_command(tmp_path / "counted.py", out, args, skip=2, steps=4)
-        result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *command], capture_output=True,
-                                text=True, timeout=600, env=ENV, cwd=tmp_path)  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        counts[mode] = bytes_per_step(out)
-    activations = BATCH // 2 * D_IN * 4  # each rank's half of a float32 batch
-    for rank in (0, 1):
-        assert counts["sae"]["per_rank"][rank]["by_op"] == {"all_gather": activations}
+def test_a_data_parallel_sweep_all_reduces_every_gradient(folder, tmp_path):
+    """`sweep_parallel: data` (DDP per SAE), counted as above: each rank all-reduces at least every SAE's gradients
+    (float64) per step."""
+    counts = counted_run(folder, tmp_path, "--config", "sweep.yaml", "--activations", "acts.npy", "--output_path",
+                         "null", "--sweep_parallel", "data")  # fmt: skip
     parameters = {"soft": 3 * D_IN * D_SAE + 3 * D_SAE + D_IN + 1, "top": 2 * D_IN * D_SAE + D_SAE + D_IN}
     gradients = 8 * (parameters["soft"] + 2 * parameters["top"])  # batchtopk has topk's parameters
     for rank in (0, 1):
-        assert counts["data"]["per_rank"][rank]["by_op"]["all_reduce"] >= gradients, counts["data"]
+        assert counts["per_rank"][rank]["by_op"]["all_reduce"] >= gradients, counts
 
 
 def test_the_mode_is_split_by_sae_when_every_rank_gets_an_sae_and_data_parallel_otherwise():

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from softsae_plugin.checks import check_finite
 from softsae_plugin.collectives import batch_ranks, is_main, sum_over_ranks, world_size
 from softsae_plugin.training.by_sae import (
+    BY_SAE,
     SWEEP_PARALLEL_KEY,
     check_mode,
     choose_mode,
@@ -423,7 +424,7 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
         check_replaceable(cfg.output_path)
     guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
     without_diverged(cfg, guard_state)
-    by_sae = choose_mode(sweep.parallel, len(cfg.saes)) == "sae"
+    by_sae = choose_mode(sweep.parallel, len(cfg.saes)) == BY_SAE
     hooks = sorted(set(cfg.hook_names_per_sae.values()))
     deepest = max(extract_stop_at_layer_from_tlens_hook_name(hook) or 0 for hook in hooks)
     model, dataset = model_and_text(cfg, deepest or None)
@@ -499,7 +500,7 @@ def train_sweep_on_activations(
         eval_data = "held out: a random 10% of the activation rows, never trained on"
     guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
     diverged_before = without_diverged(cfg, guard_state)
-    by_sae = choose_mode(sweep.parallel, len(cfg.saes)) == "sae"
+    by_sae = choose_mode(sweep.parallel, len(cfg.saes)) == BY_SAE
     rank_cfg = per_rank(cfg.to_sae_trainer_config(), skip_nonfinite_rows)
     saes = _seeded_saes(cfg)
     stream = batches(activations, cfg.train_batch_size_tokens, seed=cfg.seed, start=guard_state.get("batches_drawn", 0))
