@@ -12,11 +12,13 @@ no collective inside the step (`collectives.whole_batch_here`).
 
 Every rank builds every SAE from the same seed, since SAE-Lens' loop drives them all, but only the owner steps one:
 elsewhere its step only counts the samples, so it has no gradients and no Adam moments (Adam creates them at the
-first step). The trade-off: each rank holds the weights of the whole sweep (a third of what data-parallel training
-holds per SAE: weights, gradients and two moments), in exchange for SAE-Lens' loop, checkpoints and resume
-unchanged. Before rank 0 writes a checkpoint or the outputs, each owner sends its SAEs' weights and trainer state to
-rank 0 (`gathered_on_main`), and the ranks share which SAEs diverged (only an owner sees its SAE's loss); rank 0
-then drops the optimizer state it received, which it never steps.
+first step). The trade-off: each rank holds the weights of the whole sweep (plus gradients and two moments for its
+own SAEs: on N ranks about (1 + 3/N) / 4 of the weights, gradients and moments of every SAE that data-parallel
+training holds), in exchange for SAE-Lens' loop, checkpoints and resume unchanged. Ownership is by count, not cost:
+a rank whose SAEs are SoftSAEs steps longer than one whose are TopK. Before rank 0 writes a checkpoint or the
+outputs, each owner sends its SAEs' weights and trainer state to rank 0 (`gathered_on_main`), and the ranks share
+which SAEs diverged (only an owner sees its SAE's loss); rank 0 then drops the optimizer state it received, which it
+never steps.
 
 With fewer SAEs than ranks a split would leave ranks idle, and combining both (each SAE data-parallel over its own
 group of ranks) needs a process group and a DDP per SAE, whose ranks would exchange gradients again: such a sweep
@@ -159,6 +161,7 @@ def _packed_state(per_sae: Any) -> bytes:
 
 
 def _load_state(per_sae: Any, packed: bytes) -> None:
+    # The bytes come from another rank of this run (weights_only=False: the metadata is SAE-Lens' dataclass).
     state = torch.load(io.BytesIO(packed), map_location=per_sae.sae.device, weights_only=False)
     per_sae.sae.load_state_dict(state["sae"])
     per_sae.sae.cfg.metadata = state["metadata"]
