@@ -1,7 +1,8 @@
 """Training at scale (issue 12): a sweep from one model pass against separate runs, and 1 against 2 data-parallel
 ranks, on the offline SmolLM2-135M, with every number written under eval/results/ (CSV, Markdown, PNG).
 
-    .venv/bin/python eval/bench_scaling.py            # both sections (~15 min on 2 idle cores)
+    .venv/bin/python eval/bench_scaling.py            # every section (~20 min on 2 idle cores)
+    .venv/bin/python eval/bench_scaling.py --sections modes   # one section (modes: ~5 min)
     .venv/bin/python eval/bench_scaling.py --quick    # a smoke run
 
 sweep: `sae-lens train --config` with 6 SAEs (SoftSAE, TopK and BatchTopK at k 16 and 32) from one forward pass,
@@ -10,6 +11,13 @@ sweep: `sae-lens train --config` with 6 SAEs (SoftSAE, TopK and BatchTopK at k 1
 ranks: one SoftSAE on the same tokens with 1 process and under `torchrun --nproc_per_node 2` (gloo): wall time, and
        the share of rank 0's step time spent in collectives (torch.profiler's gloo/c10d events over steps after the
        first ones). On 2 cores two ranks compete with each other for the same cores: expect little.
+modes: a sweep of the same 6 SAEs on a file of activations (d_in 576, random) under 2 gloo ranks, split by SAE
+       (`sweep_parallel: sae`) against data-parallel (`data`), and in one process: the bytes each rank hands to
+       collectives per step, counted by torch.profiler's gloo events (eval/lab/traffic.py), and the step time; then
+       the bytes per step each mode would exchange for the paper's Gemma-2-2B sweep
+       (configs/gemma2-2b-l12-sweep.yaml: 20 SAEs, d_in 2304, d_sae 16384, batch 2048) on 8 and 32 ranks, computed
+       from its SAEs' shapes with the formula that the 2-rank count checks. Written to bench_scaling_modes.* (its own
+       files: the other sections' summary is left as it is).
 """
 
 from __future__ import annotations
@@ -24,11 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from lab import REPO
 from lab.plots import pyplot
 from lab.tables import write_csv
 from lab.timing import load_averages
+from lab.traffic import bytes_per_step, counted_command
 
 RESULTS = REPO / "eval" / "results"
 BIN = Path(sys.executable).parent
@@ -150,6 +160,155 @@ def bench_ranks(tokens: int, work: Path, env: dict[str, str], warm: int) -> list
     return rows
 
 
+# The modes section: the sweep's shapes, the steps counted and timed, and the paper's sweep computed.
+MODES_SHAPE = {"d_in": 576, "d_sae": 2304, "train_batch_size_tokens": 1024, "n_batches_for_norm_estimate": 2,
+               "lr": 0.001, "seed": 42, "dtype": "float32"}  # fmt: skip
+GEMMA_SWEEP = REPO / "configs" / "gemma2-2b-l12-sweep.yaml"
+GEMMA_RANKS = (8, 32)
+FLOAT32 = 4  # bytes: the Gemma sweep's weights, gradients and activations, and SAE-Lens' firing counters
+
+
+def sae_shapes(config: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The shared options of the sweep config at `config`, and per SAE its architecture and its numbers of parameters
+    and buffer elements, counted on SAEs built on PyTorch's meta device (no memory: the shapes only)."""
+    import dataclasses
+
+    import torch
+    from sae_lens.saes.sae import TrainingSAE
+
+    from softsae_plugin.training.config import OWN_KEYS, load_sweep_config
+    from softsae_plugin.training.sweep import build_sweep
+
+    shared, saes = load_sweep_config(config)
+    sweep = build_sweep({k: v for k, v in shared.items() if k not in OWN_KEYS}, saes)
+    rows = []
+    for name, cfg in sweep.runner.saes.items():
+        with torch.device("meta"):
+            sae = TrainingSAE.from_dict(dataclasses.replace(cfg, device="meta").to_dict())
+        rows.append({"name": name, "architecture": cfg.architecture(), "d_sae": cfg.d_sae,
+                     "parameters": sum(p.numel() for p in sae.parameters()),
+                     "buffers": sum(b.numel() for b in sae.buffers())})  # fmt: skip
+    return shared, rows
+
+
+def bytes_by_mode(saes: list[dict[str, Any]], d_in: int, batch: int, ranks: int, element: int) -> dict[str, float]:
+    """The bytes one rank hands to collectives per step of a sweep of `saes` (`sae_shapes`' rows) on `ranks` ranks.
+
+    Split by SAE: its share of the batch of activations (one all_gather). Data-parallel: per SAE its gradients (DDP's
+    all-reduce), its buffers (DDP broadcasts them every forward), SAE-Lens' two firing counters (float32, d_sae each)
+    and the divergence flag (data_parallel.synchronise_counters, sweep.PerSAETrainer), and for SoftSAE the two rows of
+    the rank's share of the batch that its constraint gathers (k_hat and the logits' norm); the few scalar sums
+    of softsae's constraint and AuxK are left out (tens of bytes)."""
+    rows = batch // ranks
+    data = sum((sae["parameters"] + sae["buffers"]) * element + 2 * sae["d_sae"] * FLOAT32 + FLOAT32 for sae in saes)
+    data += sum(2 * rows * element for sae in saes if sae["architecture"] == "softsae")
+    return {"sae": rows * d_in * element, "data": data}
+
+
+def bench_modes(work: Path, env: dict[str, str], quick: bool) -> dict[str, list[dict[str, Any]]]:
+    """The same 6-SAE sweep on a file of activations in one process and on 2 gloo ranks in each mode: bytes per step
+    counted and step time; then the paper's Gemma sweep computed on 8 and 32 ranks."""
+    skip, steps = (2, 3) if quick else (3, 6)
+    batch = MODES_SHAPE["train_batch_size_tokens"]
+    np.save(work / "acts.npy", np.random.default_rng(0).standard_normal((20_000, MODES_SHAPE["d_in"]), np.float32))
+    options = {key: value for key, value in MODES_SHAPE.items() if key != "dtype"}
+    saes = {name: {**sae, "dtype": MODES_SHAPE["dtype"]} for name, sae in SAES.items()}
+    sweep = {**options, "hook_name": "activations", "training_tokens": (skip + 2 + 2 * steps) * batch, "saes": saes}
+    (work / "modes.yaml").write_text(yaml.safe_dump(sweep))
+    _, shapes = sae_shapes(work / "modes.yaml")
+    measured = []
+    for ranks, mode in ((1, "one process"), (2, "data"), (2, "sae")):
+        out = work / f"counted-{mode.replace(' ', '-')}"
+        args = ["--config", "modes.yaml", "--activations", "acts.npy", "--output_path", "null"]  # training only
+        args += ["--sweep_parallel", mode] if ranks > 1 else []
+        command = counted_command(work / "counted.py", out, args, skip=skip, steps=steps)
+        launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+        # One thread per process, as torchrun gives each rank: the one process is one rank's worth of CPU.
+        run([*launcher, *command] if ranks > 1 else [sys.executable, *command], work, {**env, "OMP_NUM_THREADS": "1"})
+        counted = bytes_per_step(out)
+        rank_0 = counted["per_rank"][0]
+        formula = bytes_by_mode(shapes, MODES_SHAPE["d_in"], batch, ranks, FLOAT32)[mode] if ranks > 1 else 0
+        slowest = max(r["step_seconds"] for r in counted["per_rank"].values())
+        measured.append({"mode": mode, "ranks": ranks, "saes": len(shapes), "bytes_per_rank": rank_0["bytes"],
+                         "bytes_all_ranks": counted["all_ranks"], "formula_bytes_per_rank": formula,
+                         "by_collective": json.dumps(rank_0["by_op"]), "ms_per_step": 1e3 * slowest,
+                         "calls_per_step": json.dumps(rank_0["calls_per_step"])})  # fmt: skip
+    shared, gemma = sae_shapes(GEMMA_SWEEP)
+    computed = []
+    for ranks in GEMMA_RANKS:
+        per_rank = bytes_by_mode(gemma, shared["d_in"], shared["train_batch_size_tokens"], ranks, FLOAT32)
+        for mode in ("data", "sae"):
+            computed.append({"mode": mode, "ranks": ranks, "saes": len(gemma),
+                             "parameters": sum(s["parameters"] for s in gemma),
+                             "bytes_per_rank": per_rank[mode], "bytes_all_ranks": per_rank[mode] * ranks})  # fmt: skip
+    return {"modes": measured, "gemma_modes": computed}
+
+
+def write_modes(results: dict[str, list[dict[str, Any]]], info: dict[str, Any], out: Path) -> str:
+    """The modes section's CSVs, Markdown and PNG (bench_scaling_modes.*); returns the Markdown."""
+    plt = pyplot()
+    out.mkdir(parents=True, exist_ok=True)
+    for section, rows in results.items():
+        write_csv(out / f"{PREFIX}_{section}.csv", rows, sorted({k for r in rows for k in r}))
+    measured, computed = results["modes"], results["gemma_modes"]
+    lines = [
+        f"Machine: {info['cpu_count']} cores, load average at start {info['load']} (other work on the machine).",
+        "",
+        f"A sweep of {measured[0]['saes']} SAEs (SoftSAE, TopK and BatchTopK at k 16 and 32; d_in 576, d_sae 2304, "
+        "float32) on a file of random activations, global batch 1,024: the bytes each rank hands to collectives per "
+        "step, counted by torch.profiler's gloo events over the steps after the first ones (rank 0's; rank 1's are "
+        "the same), against the formula used for the Gemma table; step time over the steps after those, unprofiled "
+        "(the slower rank's), one thread per process:",
+        "",
+        "| mode | ranks | bytes / step / rank (counted) | formula | all ranks | collectives (rank 0) | ms / step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in measured:
+        lines.append(
+            f"| {r['mode']} | {r['ranks']} | {r['bytes_per_rank']:,.0f} | {r['formula_bytes_per_rank']:,.0f} | "
+            f"{r['bytes_all_ranks']:,.0f} | {r['by_collective']} | {r['ms_per_step']:.0f} |"
+        )
+    lines += ["", f"The paper's Gemma-2-2B sweep ({GEMMA_SWEEP.relative_to(REPO)}: {computed[0]['saes']} SAEs, "
+              f"{computed[0]['parameters'] / 1e9:.2f} B parameters with SoftSAE's k heads, d_in 2304, global batch "
+              "2,048 tokens, float32), computed from the SAEs' shapes:", "",
+              "| ranks | mode | bytes / step / rank | all ranks | data / sae |", "|---|---|---|---|---|"]  # fmt: skip
+    by = {(r["ranks"], r["mode"]): r for r in computed}
+    for ranks in GEMMA_RANKS:
+        for mode in ("data", "sae"):
+            r = by[ranks, mode]
+            ratio = r["bytes_per_rank"] / by[ranks, "sae"]["bytes_per_rank"]
+            lines.append(f"| {ranks} | {mode} | {_size(r['bytes_per_rank'])} | {_size(r['bytes_all_ranks'])} | "
+                         f"{ratio:,.0f}x |")  # fmt: skip
+    lines.append("")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    two = [r for r in measured if r["ranks"] == 2]
+    axes[0].bar([r["mode"] for r in two], [r["bytes_per_rank"] for r in two], color=["tab:gray", "tab:blue"])
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("bytes per step per rank (counted)")
+    axes[0].set_title("6 SAEs, d_sae 2304, 2 gloo ranks", fontsize=10)
+    for offset, mode, colour in ((-0.2, "data", "tab:gray"), (0.2, "sae", "tab:blue")):
+        heights = [by[ranks, mode]["bytes_per_rank"] for ranks in GEMMA_RANKS]
+        axes[1].bar([i + offset for i in range(len(GEMMA_RANKS))], heights, width=0.4, color=colour, label=mode)
+    axes[1].set_xticks(range(len(GEMMA_RANKS)), [f"{ranks} ranks" for ranks in GEMMA_RANKS])
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("bytes per step per rank (computed)")
+    axes[1].set_title("Gemma-2-2B sweep: 20 SAEs, d_sae 16384", fontsize=10)
+    axes[1].legend(title="sweep_parallel", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"{PREFIX}_modes.png", dpi=110)
+    plt.close(fig)
+    text = "\n".join(lines)
+    (out / f"{PREFIX}_modes.md").write_text(text)
+    return text
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 def write(results: dict[str, list[dict[str, Any]]], info: dict[str, Any], out: Path) -> str:
     """CSV per section, a PNG of throughput, and the Markdown summary (returned)."""
     plt = pyplot()
@@ -213,7 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run the sections and write their results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run with few tokens")
-    parser.add_argument("--sections", nargs="+", choices=("sweep", "ranks"), default=["sweep", "ranks"])
+    parser.add_argument(
+        "--sections", nargs="+", choices=("sweep", "ranks", "modes"), default=["sweep", "ranks", "modes"]
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -227,7 +388,11 @@ def main(argv: list[str] | None = None) -> None:
             results["sweep"] = bench_sweep(tokens, work, env)
         if "ranks" in args.sections:
             results["ranks"] = bench_ranks(tokens, work, env, warm=2 if args.quick else 10)
-    print(write(results, info, args.out))
+        modes = bench_modes(work, env, args.quick) if "modes" in args.sections else None
+    if results:
+        print(write(results, info, args.out))
+    if modes is not None:
+        print(write_modes(modes, info, args.out))
 
 
 if __name__ == "__main__":

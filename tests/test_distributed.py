@@ -81,7 +81,7 @@ def test_two_ranks_with_half_batches_train_the_weights_of_one_process(activation
 
 def test_a_sweep_trains_data_parallel_like_one_process(activations):
     sweep = {"d_sae": 64, "training_tokens": 20 * 128, "train_batch_size_tokens": 128, "n_batches_for_norm_estimate": 3,
-             "lr": 0.003, "seed": 3,
+             "lr": 0.003, "seed": 3, "sweep_parallel": "data",
              "saes": {"soft": {"architecture": "softsae", "k": 4, "dtype": "float64", "lr": 0.002},
                       "top": {"architecture": "topk", "k": 4, "dtype": "float64",
                               "normalize_activations": "expected_average_only_in"}}}  # fmt: skip

@@ -76,6 +76,23 @@ def _core_settings() -> list[str]:
     return [f.name for f in dataclasses.fields(CoreSettings)]
 
 
+def _split_by_sae_seams() -> bool:
+    import re
+
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from softsae_plugin.training.by_sae import TRAINER_COUNTERS
+
+    saved = set(re.findall(r'"(\w+)":', inspect.getsource(SAETrainer.save_trainer_state)))
+    sent = {"optimizer", "lr_scheduler", "coefficient_schedulers", *TRAINER_COUNTERS}
+    return (
+        saved - {"n_training_samples", "n_training_steps"} == sent  # the clock is every rank's own
+        and _params(MultiSAETrainer._log_train_step) == ["self", "step_outputs"]
+        and _params(MultiSAETrainer._update_pbar)[:3] == ["self", "step_outputs", "pbar"]
+    )
+
+
 SEAMS: dict[str, tuple[str, Callable[[], bool]]] = {
     "sae_lens.load_model.load_model(model_class_name, model_name, device, model_from_pretrained_kwargs, ...)": (
         "sae-lens show builds a model that is not local with it, from the SAE's metadata",
@@ -101,6 +118,10 @@ SEAMS: dict[str, tuple[str, Callable[[], bool]]] = {
             _params(_module("sae_lens.training.sae_trainer").SAETrainer.save_checkpoint)
             == ["self", "checkpoint_name", "base_path", "wandb_aliases"]
         ),
+    ),
+    "SAETrainer.save_trainer_state's keys; MultiSAETrainer._log_train_step(step_outputs) / _update_pbar": (
+        "a sweep split by SAE sends rank 0 what a checkpoint saves, and shows and logs a rank's own SAEs only",
+        _split_by_sae_seams,
     ),
     "SAETrainer's counters, dead-latent state and tqdm bar": (
         "resume, the training summary and train_on_activations(progress=False) read or replace them",

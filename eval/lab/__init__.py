@@ -8,6 +8,7 @@
     training     training SAEs: one on activations in memory, a set at the learning rates their own sweeps pick
     measures     what is measured on trained SAEs: matched FVE, loss recovered, adaptivity, training curves
     timing       wall time and peak memory of a call, and the machine it runs on
+    traffic      the bytes a torchrun run's ranks hand to collectives per step, counted by the profiler
     plots        the figures two commands draw alike
     tables       numbers and rows as the reports and result files write them
 

@@ -126,6 +126,17 @@ def per_rank(trainer_cfg: Any, skip_nonfinite_rows: bool = False) -> Any:
     )
 
 
+def whole_batch(trainer_cfg: Any) -> Any:
+    """SAE-Lens' trainer config for the global batch from one rank's (`per_rank`'s inverse, counted as `global_scale`
+    counts): a sweep split by SAE (by_sae.py) trains each SAE on the batch gathered from every rank."""
+    size = world_size()
+    return dataclasses.replace(
+        trainer_cfg,
+        train_batch_size_samples=trainer_cfg.train_batch_size_samples * size,
+        total_training_samples=trainer_cfg.total_training_samples * size,
+    )
+
+
 def split_over_ranks(cfg: Any, skip_nonfinite_rows: bool = False) -> bool:
     """Set a runner config (SAE-Lens' `LanguageModelSAERunnerConfig`, or `MultiSAETrainingRunnerConfig` for a sweep)
     up for this rank after joining the process group: its own device, its share of the batch and of the tokens (the
@@ -202,8 +213,8 @@ def load_shard(path: str, *, streaming: bool, trust_remote_code: bool) -> Any:
 class GlobalBatches:
     """While `active`, the batches drawn from `source` come back as the global batch (every rank's rows)."""
 
-    def __init__(self, source: Iterator[Any]) -> None:
-        self.source, self.active = source, False
+    def __init__(self, source: Iterator[Any], *, active: bool = False) -> None:
+        self.source, self.active = source, active
 
     def __iter__(self) -> GlobalBatches:
         return self

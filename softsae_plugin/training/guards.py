@@ -275,14 +275,17 @@ def check_sae_folder(path: str | Path, action: str) -> dict[str, Any]:
     return cfg
 
 
-def check_checkpoint(path: str | Path, sae_cfg: TrainingSAEConfig, *, has_activations_store: bool) -> dict[str, int]:
+def check_checkpoint(
+    path: str | Path, sae_cfg: TrainingSAEConfig, *, has_activations_store: bool, in_sweep: bool = False
+) -> dict[str, int]:
     """Check that `path` is a whole checkpoint of a run configured like `sae_cfg`, before SAE-Lens reads it.
 
     Every problem names the file and what was expected: a missing file, a weights or store file that
     safetensors cannot read (truncated, corrupted) or that holds NaN or inf, a JSON file that does not parse,
     a trainer state that `torch.load(weights_only=True)` refuses (so SAE-Lens' own `torch.load` of it never
     runs pickled code), or a cfg.json of another architecture, size or run length. Returns the guard's counts
-    saved with the checkpoint (empty for a checkpoint written without `guard_trainer`).
+    saved with the checkpoint (empty for a checkpoint written without `guard_trainer`). `in_sweep`: one SAE's folder
+    of a sweep's checkpoint, whose number of ranks is the sweep's (`check_sweep_checkpoint` checks it).
     """
     path = Path(path)
     required = [SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, TRAINER_STATE_FILENAME, ACTIVATION_SCALER_CFG_FILENAME]
@@ -314,7 +317,8 @@ def check_checkpoint(path: str | Path, sae_cfg: TrainingSAEConfig, *, has_activa
             )
     guard_file = path / GUARD_STATE_FILENAME
     guard_state = json.loads(guard_file.read_text()) if guard_file.exists() else {}
-    check_world_size(guard_state, path)
+    if not in_sweep:
+        check_world_size(guard_state, path)
     return guard_state
 
 

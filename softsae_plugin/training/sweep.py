@@ -5,7 +5,8 @@ SAE-Lens' `MultiSAETrainingRunner` (one forward pass of the model feeds every SA
 on a file of activations. Each SAE may have its own learning rate (SAE-Lens' multi trainer has one for all: its
 per-SAE trainers are rebuilt with their own), and gets what a single run writes: its folder, training summary,
 k_hat histogram, checkpoints and resume, the NaN guard, atomic saves. The whole sweep gets a table and an
-FVE-vs-L0 plot.
+FVE-vs-L0 plot. Under torchrun a sweep is split by SAE across the ranks (`sweep_parallel: sae`, see by_sae.py) or
+trained data-parallel (`sweep_parallel: data`).
 
     saes:
       softsae-k32: {architecture: softsae, k: 32, lr: 0.001}
@@ -36,8 +37,19 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 
 from softsae_plugin.checks import check_finite
-from softsae_plugin.collectives import is_main, sum_over_ranks, world_size
+from softsae_plugin.collectives import batch_ranks, is_main, sum_over_ranks, world_size
+from softsae_plugin.training.by_sae import (
+    BY_SAE,
+    SWEEP_PARALLEL_KEY,
+    check_mode,
+    choose_mode,
+    collect_on_main,
+    forget_optimizers_not_owned,
+    gathered_on_main,
+    train_own_saes_only,
+)
 from softsae_plugin.training.data_parallel import (
+    GlobalBatches,
     data_parallel,
     global_batches,
     global_scale,
@@ -47,6 +59,7 @@ from softsae_plugin.training.data_parallel import (
     per_rank,
     shard,
     split_over_ranks,
+    whole_batch,
     write_runner_config,
 )
 from softsae_plugin.training.guards import (
@@ -75,10 +88,12 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Sweep:
-    """A parsed sweep: the runner's shared options, each SAE's config and its learning rate (None: the shared)."""
+    """A parsed sweep: the runner's shared options, each SAE's config, its learning rate (None: the shared) and how
+    it uses the ranks of a torchrun launch (`sweep_parallel`; None: chosen at launch, see `by_sae.choose_mode`)."""
 
     runner: MultiSAETrainingRunnerConfig
     lrs: dict[str, float | None]
+    parallel: str | None = None
 
 
 def per_sae_fields(architecture: str) -> dict[str, Any]:
@@ -97,7 +112,8 @@ def shared_fields() -> dict[str, Any]:
     fields = {f.name: hints[f.name] for f in dataclasses.fields(MultiSAETrainingRunnerConfig) if f.name not in skip}
     logger_hints = typing.get_type_hints(LoggingConfig)
     fields.update({f.name: logger_hints[f.name] for f in dataclasses.fields(LoggingConfig)})
-    return {**fields, "hook_name": str, "hook_names": dict[str, str] | str, "d_in": int, "d_sae": int}
+    return {**fields, "hook_name": str, "hook_names": dict[str, str] | str, "d_in": int, "d_sae": int,
+            SWEEP_PARALLEL_KEY: str}  # fmt: skip
 
 
 def build_sweep(shared: Mapping[str, Any], saes: Mapping[str, Mapping[str, Any]]) -> Sweep:
@@ -108,6 +124,7 @@ def build_sweep(shared: Mapping[str, Any], saes: Mapping[str, Mapping[str, Any]]
     """
     shared = dict(shared)
     sizes = {key: shared.pop(key) for key in ("d_in", "d_sae") if key in shared}
+    parallel = check_mode(shared.pop(SWEEP_PARALLEL_KEY, None))
     logger = LoggingConfig(**{key: shared.pop(key) for key in list(shared) if key in _logging_keys()})
     hook_names = shared.pop("hook_names", None) or shared.pop("hook_name", None)
     if hook_names is None:
@@ -124,7 +141,7 @@ def build_sweep(shared: Mapping[str, Any], saes: Mapping[str, Mapping[str, Any]]
         configs[name] = SAE_TRAINING_CLASS_REGISTRY[architecture][1](**options)
     runner = MultiSAETrainingRunnerConfig(saes=configs, hook_names=hook_names, logger=logger, **shared)
     runner.saes = {name: with_run_length(cfg, runner.total_training_steps) for name, cfg in configs.items()}
-    return Sweep(runner, lrs)
+    return Sweep(runner, lrs, parallel)
 
 
 def _logging_keys() -> set[str]:
@@ -135,10 +152,15 @@ class PerSAETrainer(MultiSAETrainer):
     """SAE-Lens' multi trainer, each SAE's `SAETrainer` rebuilt with its own learning rate (the end of the schedule
     keeps the shared lr_end / lr ratio) before anything is loaded or trained, and each SAE isolated from the others'
     divergence: an SAE whose loss is not finite stops training (recorded in `diverged` with the step and the cause)
-    while the rest of the sweep goes on, and it is left out of checkpoints and of the saved sweep."""
+    while the rest of the sweep goes on, and it is left out of checkpoints and of the saved sweep. With `by_sae`
+    (under torchrun), `cfg` is one rank's share and the sweep is split by SAE (by_sae.py): the batches drawn are
+    gathered into the global batch, on which each rank trains its own SAEs."""
 
-    def __init__(self, *args: Any, lrs: Mapping[str, float | None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, cfg: Any, *args: Any, lrs: Mapping[str, float | None], by_sae: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(whole_batch(cfg) if by_sae else cfg, *args, **kwargs)
+        self.by_sae = by_sae
         for name, lr in lrs.items():
             if lr is None or name not in self.trainers:
                 continue
@@ -149,6 +171,16 @@ class PerSAETrainer(MultiSAETrainer):
         self.diverged: dict[str, dict[str, Any]] = {}
         for name, per_sae in self.trainers.items():
             per_sae.step = self._isolated_step(name, per_sae)  # type: ignore[method-assign]
+        if by_sae:
+            self.data_provider = GlobalBatches(self.data_provider, active=True)
+            train_own_saes_only(self)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """SAE-Lens' `load_checkpoint`; split by SAE, this rank then forgets the optimizer state of the SAEs it does
+        not train."""
+        super().load_checkpoint(path)
+        if self.by_sae:
+            forget_optimizers_not_owned(self)
 
     def _isolated_step(self, name: str, per_sae: SAETrainer[Any, Any]) -> Any:
         step = per_sae.step
@@ -159,8 +191,9 @@ class PerSAETrainer(MultiSAETrainer):
                 per_sae.n_training_samples += batch.shape[0]
                 return last["output"]
             output = last["output"] = step(batch)
-            # Every rank agrees (the SAE's weights are shared): one rank's non-finite loss stops it everywhere.
-            finite = sum_over_ranks(torch.isfinite(output.loss.detach()).float()) == world_size()
+            # Data-parallel, every rank agrees (the SAE's weights are shared): one rank's non-finite loss stops it
+            # everywhere. Split by SAE, the owner alone decides (the others learn it before anything is saved).
+            finite = sum_over_ranks(torch.isfinite(output.loss.detach()).float()) == batch_ranks()
             if not bool(finite):
                 self.diverged[name] = {
                     "step": per_sae.n_training_steps,
@@ -190,7 +223,7 @@ def guard_multi_trainer(
     save = trainer.save_checkpoint
 
     def save_whole_finite_checkpoint(checkpoint_name: str, wandb_aliases: list[str] | None = None) -> None:
-        with rank_zero_writes():
+        with gathered_on_main(trainer), rank_zero_writes():
             if is_main():
                 write(checkpoint_name, wandb_aliases)
 
@@ -236,7 +269,7 @@ def check_sweep_checkpoint(path: str | Path, runner_cfg: MultiSAETrainingRunnerC
     check_world_size(guard_state, path)
     for name, sae_cfg in runner_cfg.saes.items():
         if name not in guard_state.get(DIVERGED_KEY, {}):
-            check_checkpoint(path / name, sae_cfg, has_activations_store=False)
+            check_checkpoint(path / name, sae_cfg, has_activations_store=False, in_sweep=True)
     return guard_state
 
 
@@ -250,8 +283,12 @@ def without_diverged(cfg: MultiSAETrainingRunnerConfig, guard_state: Mapping[str
 
 
 def prepare_data_parallel(trainer: MultiSAETrainer) -> None:
-    """Each SAE's trainer data-parallel (see `distributed.data_parallel`), and the norm-scaling estimates drawn now,
-    on the global batches, before fit draws its progress bar (so that theirs do not nest in it)."""
+    """Each SAE's trainer data-parallel (see `distributed.data_parallel`), unless the sweep is split by SAE, and the
+    norm-scaling estimates drawn now, on the global batches, before fit draws its progress bar (so that theirs do
+    not nest in it)."""
+    if getattr(trainer, "by_sae", False):  # its batches are global already, and each SAE is trained by one rank
+        trainer._estimate_scaling_factors()
+        return
     for per_sae in trainer.trainers.values():
         data_parallel(per_sae)
     with global_batches(trainer):
@@ -269,10 +306,12 @@ class SweepRunner(MultiSAETrainingRunner):
         lrs: Mapping[str, float | None],
         skip_nonfinite_rows: bool = False,
         guard_state: Mapping[str, int] | None = None,
+        by_sae: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(cfg, **kwargs)
         self.lrs, self.skip_nonfinite_rows, self.guard_state = lrs, skip_nonfinite_rows, dict(guard_state or {})
+        self.by_sae = by_sae
         self.trainer: MultiSAETrainer | None = None
         self.guard: FiniteBatches | None = None
         # Data-parallel: each rank's store position is not saved (only rank 0 writes); a resumed run replays its
@@ -285,7 +324,8 @@ class SweepRunner(MultiSAETrainingRunner):
         """SAE-Lens' `run`, building `PerSAETrainer` where it builds its multi trainer."""
         import sae_lens.multi_sae_training_runner as runner_module
 
-        with mock.patch.object(runner_module, "MultiSAETrainer", partial(PerSAETrainer, lrs=self.lrs)):
+        trainer = partial(PerSAETrainer, lrs=self.lrs, by_sae=self.by_sae)
+        with mock.patch.object(runner_module, "MultiSAETrainer", trainer):
             return super().run()
 
     @property
@@ -309,6 +349,8 @@ class SweepRunner(MultiSAETrainingRunner):
 
     def _save_final_outputs(self, saes: dict[str, TrainingSAE[Any]], trainer: MultiSAETrainer) -> None:
         assert self.cfg.output_path is not None
+        if self.by_sae:
+            collect_on_main(trainer)
         if not is_main():
             return
         saes = trained_saes(saes, self.diverged)
@@ -382,6 +424,7 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
         check_replaceable(cfg.output_path)
     guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
     without_diverged(cfg, guard_state)
+    by_sae = choose_mode(sweep.parallel, len(cfg.saes)) == BY_SAE
     hooks = sorted(set(cfg.hook_names_per_sae.values()))
     deepest = max(extract_stop_at_layer_from_tlens_hook_name(hook) or 0 for hook in hooks)
     model, dataset = model_and_text(cfg, deepest or None)
@@ -395,6 +438,7 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
                 override_model=model,
                 override_dataset=dataset,
                 override_saes=_seeded_saes(cfg),
+                by_sae=by_sae,
             )
         saes = trained_saes(runner.run(), runner.diverged)
     if cfg.output_path is None or not is_main():
@@ -456,15 +500,18 @@ def train_sweep_on_activations(
         eval_data = "held out: a random 10% of the activation rows, never trained on"
     guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
     diverged_before = without_diverged(cfg, guard_state)
+    by_sae = choose_mode(sweep.parallel, len(cfg.saes)) == BY_SAE
+    rank_cfg = per_rank(cfg.to_sae_trainer_config(), skip_nonfinite_rows)
     saes = _seeded_saes(cfg)
     stream = batches(activations, cfg.train_batch_size_tokens, seed=cfg.seed, start=guard_state.get("batches_drawn", 0))
     hook = "activations"
     trainer = PerSAETrainer(
-        cfg=per_rank(cfg.to_sae_trainer_config(), skip_nonfinite_rows),
+        cfg=rank_cfg,
         saes=saes,
         hook_names=dict.fromkeys(saes, hook),
         data_provider=({hook: shard(batch)} for batch in stream),  # each rank its slice of each global batch
         lrs=sweep.lrs,
+        by_sae=by_sae,
     )
     if cfg.resume_from_checkpoint is not None:
         trainer.load_checkpoint(cfg.resume_from_checkpoint)
@@ -472,6 +519,8 @@ def train_sweep_on_activations(
     guard = guard_multi_trainer(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
     prepare_data_parallel(trainer)
     saes = trainer.fit()
+    if by_sae:
+        collect_on_main(trainer)
     diverged = {**diverged_before, **trainer.diverged}
     saes = trained_saes(saes, diverged)
     if cfg.output_path is None or not is_main():
@@ -486,7 +535,7 @@ def train_sweep_on_activations(
         summary, k_hat = summarise_saved(Path(cfg.output_path) / name, eval_rows.split(cfg.train_batch_size_tokens),
                                          trainer.trainers[name], eval_data=eval_data)  # fmt: skip
         summary["nonfinite_rows_skipped"] = guard.rows_skipped
-        summary.update(global_scale(trainer.cfg.train_batch_size_samples, trainer.cfg.total_training_samples))
+        summary.update(global_scale(rank_cfg.train_batch_size_samples, rank_cfg.total_training_samples))
         write_summary(summary, k_hat, Path(cfg.output_path) / name)
     print(write_sweep_table(cfg.output_path, list(saes), diverged).read_text())
     return saes
