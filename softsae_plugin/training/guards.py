@@ -314,13 +314,16 @@ def check_checkpoint(path: str | Path, sae_cfg: TrainingSAEConfig, *, has_activa
             )
     guard_file = path / GUARD_STATE_FILENAME
     guard_state = json.loads(guard_file.read_text()) if guard_file.exists() else {}
-    check_world_size(guard_state, path)
+    if has_activations_store:
+        # A language-model run's data position is per rank (each reads its own shard of the text); a run on a file
+        # of activations counts global batches, which any number of ranks continues.
+        check_world_size(guard_state, path)
     return guard_state
 
 
 def check_world_size(guard_state: Mapping[str, int], path: str | Path) -> None:
-    """Refuse to resume a checkpoint written by another number of data-parallel ranks: each rank's data shard and
-    position depend on it."""
+    """Refuse to resume a language-model checkpoint written by another number of data-parallel ranks: each rank's
+    text shard and data position depend on it."""
     saved = guard_state.get("world_size", 1)
     if saved != world_size():
         raise ValueError(
@@ -329,13 +332,18 @@ def check_world_size(guard_state: Mapping[str, int], path: str | Path) -> None:
         )
 
 
-def continue_from_checkpoint(trainer: SAETrainer[Any, Any]) -> None:
-    """Correct the two counters that SAE-Lens' checkpoint loading (`load_trainer_state`) leaves behind.
+def continue_from_checkpoint(trainer: SAETrainer[Any, Any], saved_world_size: int | None = None) -> None:
+    """Correct the counters that SAE-Lens' checkpoint loading (`load_trainer_state`) leaves behind.
 
     SAE-Lens saves a mid-run checkpoint before counting the step it has just taken, so `n_training_steps`
     comes back one short: every step-driven schedule (softsae's tau, target k and phase) would repeat a step
-    and stay one behind. The LR scheduler steps exactly once per optimiser step, so its count is right. And
-    the checkpoint thresholds are rebuilt from zero, so each one already passed would fire again.
+    and stay one behind. The LR scheduler steps exactly once per optimiser step, so its count is right. The
+    sample count is each rank's share: given `saved_world_size`, the number of ranks that wrote the checkpoint (a
+    run on a file of activations, whose position is in global batches, may resume on another), it is scaled to
+    this run's share. And the checkpoint thresholds are rebuilt from zero, so each one already passed would fire
+    again.
     """
     trainer.n_training_steps = trainer.lr_scheduler.last_epoch
+    if saved_world_size is not None:
+        trainer.n_training_samples = trainer.n_training_samples * saved_world_size // world_size()
     trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 from softsae_plugin.checks import check_finite
 from softsae_plugin.collectives import is_main, sum_over_ranks, world_size
+from softsae_plugin.training.activations import MappedRows
 from softsae_plugin.training.data_parallel import (
     data_parallel,
     global_batches,
@@ -219,21 +220,26 @@ def guard_multi_trainer(
     return guard
 
 
-def continue_sweep_from_checkpoint(trainer: MultiSAETrainer) -> None:
+def continue_sweep_from_checkpoint(trainer: MultiSAETrainer, saved_world_size: int | None = None) -> None:
     """`continue_from_checkpoint` for every SAE of a sweep, and the coordinator's own counters to match."""
     for per_sae in trainer.trainers.values():
-        continue_from_checkpoint(per_sae)
-    trainer.n_training_steps = next(iter(trainer.trainers.values())).n_training_steps
+        continue_from_checkpoint(per_sae, saved_world_size)
+    any_trainer = next(iter(trainer.trainers.values()))
+    trainer.n_training_steps, trainer.n_training_samples = any_trainer.n_training_steps, any_trainer.n_training_samples
     trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
 
 
-def check_sweep_checkpoint(path: str | Path, runner_cfg: MultiSAETrainingRunnerConfig) -> dict[str, Any]:
+def check_sweep_checkpoint(
+    path: str | Path, runner_cfg: MultiSAETrainingRunnerConfig, *, language_model: bool = True
+) -> dict[str, Any]:
     """`check_checkpoint` for a sweep's checkpoint: one folder per SAE, each of the SAE configured here, but for the
-    SAEs that had diverged by then (the guard state's `diverged`: they are not resumed)."""
+    SAEs that had diverged by then (the guard state's `diverged`: they are not resumed). A language-model sweep
+    resumes on its number of ranks only; a sweep on a file of activations (`language_model=False`) on any."""
     path = Path(path)
     guard_file = path / GUARD_STATE_FILENAME
     guard_state = json.loads(guard_file.read_text()) if guard_file.exists() else {}
-    check_world_size(guard_state, path)
+    if language_model:
+        check_world_size(guard_state, path)
     for name, sae_cfg in runner_cfg.saes.items():
         if name not in guard_state.get(DIVERGED_KEY, {}):
             check_checkpoint(path / name, sae_cfg, has_activations_store=False)
@@ -431,7 +437,7 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
 
 
 def train_sweep_on_activations(
-    activations: torch.Tensor,
+    activations: torch.Tensor | MappedRows,
     sweep: Sweep,
     *,
     skip_nonfinite_rows: bool = False,
@@ -442,7 +448,7 @@ def train_sweep_on_activations(
     every SAE, each SAE seeded and checkpointed as its single run (`train_on_activations`) would be, so that it ends
     with the same weights; then each SAE's folder (whole), summary and the table. The summaries are measured on
     `eval_activations` (described by `eval_data`) or else on a random 10% of the rows, kept out of training."""
-    from softsae_plugin.training.activations import batches, split_heldout
+    from softsae_plugin.training.activations import as_tensor, batches, split_heldout
     from softsae_plugin.training.on_activations import HELDOUT_FRACTION
 
     cfg = sweep.runner
@@ -454,21 +460,25 @@ def train_sweep_on_activations(
     if cfg.output_path is not None and eval_rows is None:
         activations, eval_rows = split_heldout(activations, HELDOUT_FRACTION, seed=cfg.seed)
         eval_data = "held out: a random 10% of the activation rows, never trained on"
-    guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
+    guard_state = {}
+    if cfg.resume_from_checkpoint:
+        guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg, language_model=False)
     diverged_before = without_diverged(cfg, guard_state)
     saes = _seeded_saes(cfg)
-    stream = batches(activations, cfg.train_batch_size_tokens, seed=cfg.seed, start=guard_state.get("batches_drawn", 0))
+    # Each rank its slice of each global batch (read from a mapped file for that slice only).
+    stream = batches(activations, cfg.train_batch_size_tokens, seed=cfg.seed, start=guard_state.get("batches_drawn", 0),
+                     share=shard)  # fmt: skip
     hook = "activations"
     trainer = PerSAETrainer(
         cfg=per_rank(cfg.to_sae_trainer_config(), skip_nonfinite_rows),
         saes=saes,
         hook_names=dict.fromkeys(saes, hook),
-        data_provider=({hook: shard(batch)} for batch in stream),  # each rank its slice of each global batch
+        data_provider=({hook: batch} for batch in stream),
         lrs=sweep.lrs,
     )
     if cfg.resume_from_checkpoint is not None:
         trainer.load_checkpoint(cfg.resume_from_checkpoint)
-        continue_sweep_from_checkpoint(trainer)
+        continue_sweep_from_checkpoint(trainer, saved_world_size=guard_state.get("world_size", 1))
     guard = guard_multi_trainer(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
     prepare_data_parallel(trainer)
     saes = trainer.fit()
@@ -482,6 +492,7 @@ def train_sweep_on_activations(
             sae.save_inference_model(staged / name)
             save_file({"sparsity": trainer.trainers[name].log_feature_sparsity}, staged / name / SPARSITY_FILENAME)
     assert eval_rows is not None
+    eval_rows = as_tensor(eval_rows)
     for name in saes:
         summary, k_hat = summarise_saved(Path(cfg.output_path) / name, eval_rows.split(cfg.train_batch_size_tokens),
                                          trainer.trainers[name], eval_data=eval_data)  # fmt: skip
