@@ -63,6 +63,7 @@ from softsae_plugin.training.guards import (
     write_guard_state,
 )
 from softsae_plugin.training.runs import local_sources_quietly, model_and_text, with_run_length
+from softsae_plugin.training.store_state import read_state, tracked_store
 from softsae_plugin.training.summary import summarise_saved, write_summary, write_sweep_table
 
 SWEEP_KEY = "saes"
@@ -281,10 +282,14 @@ class SweepRunner(MultiSAETrainingRunner):
         self.lrs, self.skip_nonfinite_rows, self.guard_state = lrs, skip_nonfinite_rows, dict(guard_state or {})
         self.trainer: MultiSAETrainer | None = None
         self.guard: FiniteBatches | None = None
-        # Data-parallel: each rank's store position is not saved (only rank 0 writes); a resumed run replays its
-        # own stream up to the checkpoint's number of batches instead of skipping ahead.
-        self.replay = world_size() > 1 and cfg.resume_from_checkpoint is not None
-        if self.replay:
+        # Each rank's exact data position is saved with every checkpoint and restored on resume (see
+        # `language_model._GuardedRunner`). A data-parallel checkpoint without it holds rank 0's text position only:
+        # a resumed run replays its own stream up to the checkpoint's number of batches instead.
+        self.store_state = tracked_store(self.activations_store, cfg, multi_hook=True)
+        resuming = cfg.resume_from_checkpoint is not None
+        self.saved_store_state = read_state(cfg.resume_from_checkpoint) if resuming and self.store_state else None
+        self.replay = world_size() > 1 and resuming and self.saved_store_state is None
+        if self.replay or self.saved_store_state is not None:
             self.activations_store.load_from_checkpoint = lambda checkpoint_path: None  # type: ignore[method-assign]
 
     def run(self) -> dict[str, TrainingSAE[Any]]:
@@ -303,15 +308,27 @@ class SweepRunner(MultiSAETrainingRunner):
     def _run_with_interruption_handling(self, trainer: MultiSAETrainer) -> dict[str, TrainingSAE[Any]]:
         if self.cfg.resume_from_checkpoint is not None:
             continue_sweep_from_checkpoint(trainer)
+        if self.store_state is not None and self.saved_store_state is not None:
+            self.store_state.restore(self.saved_store_state)
         if self.replay:
             for _ in range(self.guard_state.get("batches_drawn", 0)):
                 next(trainer.data_provider)
         self.guard = guard_multi_trainer(
             trainer, skip_nonfinite_rows=self.skip_nonfinite_rows, guard_state=self.guard_state
         )
+        if self.store_state is not None:
+            self.store_state.around_checkpoints(trainer)
         self.trainer = trainer
         prepare_data_parallel(trainer)
+        if self.store_state is not None and self.saved_store_state is not None:
+            self.store_state.restore_rng()  # last: nothing before training may draw from it
         return super()._run_with_interruption_handling(trainer)
+
+    def _save_runner_checkpoint_files(self, checkpoint_path: Path | None) -> None:
+        """SAE-Lens' runner files in a checkpoint folder, and every rank's store state (rank 0 writes it)."""
+        super()._save_runner_checkpoint_files(checkpoint_path)
+        if checkpoint_path is not None and self.store_state is not None:
+            self.store_state.write_pending(checkpoint_path)
 
     def _save_final_outputs(self, saes: dict[str, TrainingSAE[Any]], trainer: MultiSAETrainer) -> None:
         assert self.cfg.output_path is not None
