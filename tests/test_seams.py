@@ -68,6 +68,26 @@ def _absorption_vocabulary_call_sites() -> bool:
     )
 
 
+def _store_state_seams() -> bool:
+    # training/store_state.py: the store's pass over the text, its lazily built stream and mixing_buffer's locals.
+    from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner
+    from sae_lens.training.activations_store import ActivationsStore
+    from sae_lens.training.mixing_buffer import mixing_buffer
+
+    store_source = inspect.getsource(ActivationsStore)
+    buffer_code = mixing_buffer.__wrapped__.__code__
+    methods = ("_iterate_tokenized_sequences", "_iterate_filtered_activations",
+               "_iterate_filtered_multi_hook_activations", "get_multi_hook_data_loader", "state_dict")  # fmt: skip
+    return (
+        all(hasattr(ActivationsStore, name) for name in methods)
+        and "self.iterable_sequences = self._iterate_tokenized_sequences()" in store_source
+        and "self._dataloader = self.get_data_loader()" in store_source
+        and {"storage_buffer", "serving_buffer", "batch_idx", "num_serving_batches"} <= set(buffer_code.co_varnames)
+        and "torch.randperm(storage_buffer.shape[0])" in inspect.getsource(mixing_buffer.__wrapped__)
+        and _params(MultiSAETrainingRunner._save_runner_checkpoint_files) == ["self", "checkpoint_path"]
+    )
+
+
 def _core_settings() -> list[str]:
     import dataclasses
 
@@ -146,6 +166,10 @@ SEAMS: dict[str, tuple[str, Callable[[], bool]]] = {
             _has("sae_lens.training.activations_store", "ActivationsStore")
             and hasattr(_module("sae_lens.training.activations_store").ActivationsStore, "load_from_checkpoint")
         ),
+    ),
+    "ActivationsStore's pass over the text and stream, mixing_buffer's buffer, the multi runner's checkpoint files": (
+        "StoreState saves and restores each rank's exact data position (resume without replay)",
+        _store_state_seams,
     ),
     "sae_lens.registry.SAE_CLASS_REGISTRY / SAE_TRAINING_CLASS_REGISTRY": (
         "softsae_plugin_autoload replaces these module globals with lazy registries",

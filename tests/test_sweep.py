@@ -97,6 +97,12 @@ def test_a_language_model_sweep_from_one_pass_checkpoints_and_resumes(tmp_path):
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (tmp_path / "resumed" / "softsae-k8" / SUMMARY_FILENAME).exists()
+    # The store state saved with the checkpoint (text position, shuffle buffer, RNG) continues the same batches: the
+    # resumed sweep ends with the uninterrupted one's weights, with no replay.
+    assert (checkpoint / "softsae_store_state" / "rank0.pt").is_file()
+    for name in ("softsae-k8", "topk-k8"):
+        full, again = (load_file(tmp_path / run / name / SAE_WEIGHTS_FILENAME) for run in ("out", "resumed"))
+        assert all(torch.allclose(full[key], again[key], rtol=1e-6, atol=0) for key in full), name
 
 
 def test_a_diverging_sae_stops_alone_and_a_resume_leaves_it_out(tmp_path):

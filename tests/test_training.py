@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 from safetensors.torch import save_file
 
 from softsae_plugin import SoftSAE, SoftTrainingSAEConfig, train_on_activations
-from softsae_plugin.training.activations import load_activations
+from softsae_plugin.training.activations import MappedRows, batches, load_activations, map_activations, split_heldout
 from softsae_plugin.training.config import load_sweep_config, load_yaml_config
 from softsae_plugin.training.summary import K_HAT_HISTOGRAM_FILENAME, SUMMARY_FILENAME
 from softsae_plugin.training.sweep import build_sweep
@@ -76,6 +77,38 @@ def test_activation_files_load_alike(tmp_path):
     with pytest.raises(ValueError, match="cannot read"):
         (tmp_path / "acts.txt").write_text("1 2 3")
         load_activations(tmp_path / "acts.txt")
+
+
+def test_activation_files_are_mapped_and_a_batch_reads_only_its_share_of_rows(tmp_path):
+    """.npy, float32 .safetensors and saved datasets are read lazily (`map_activations`): the same rows as a full
+    load, and a stream whose batches are shared (as each data-parallel rank takes its slice) reads from the file only
+    the rows of its share, never the rest. A bfloat16 .safetensors file, which numpy cannot map, is loaded whole."""
+    x, _ = synthetic_activations(64)
+    np.save(tmp_path / "acts.npy", x.numpy())
+    save_file({"activations": x}, tmp_path / "acts.safetensors")
+    Dataset.from_dict({"activations": x.numpy()}).save_to_disk(tmp_path / "acts_ds")
+    save_file({"activations": x.bfloat16()}, tmp_path / "acts_bf16.safetensors")
+    assert isinstance(map_activations(tmp_path / "acts_bf16.safetensors"), torch.Tensor)
+    whole = list(islice(batches(x, 16, seed=5), 6))
+    for name in ("acts.npy", "acts.safetensors", "acts_ds"):
+        mapped = map_activations(tmp_path / name)
+        assert isinstance(mapped, MappedRows) and mapped.shape == tuple(x.shape), name
+        assert isinstance(mapped.array, np.memmap) or name == "acts_ds", name
+        assert torch.equal(mapped.rows(), x), name
+        read: list[int] = []
+        array = mapped.array
+
+        class Recording:
+            def __getitem__(self, rows, array=array, read=read):
+                read.extend(rows.tolist())
+                return array[rows]
+
+        mapped.array = Recording()
+        halves = list(islice(batches(mapped, 16, seed=5, share=lambda rows: rows[:8]), 6))  # 6 batches: 2 epochs
+        assert all(torch.equal(half, batch[:8]) for half, batch in zip(halves, whole, strict=True)), name
+        assert len(read) == 6 * 8, name  # only the shares' rows were read
+        train, heldout = split_heldout(map_activations(tmp_path / name), 0.25, seed=1)
+        assert torch.equal(torch.cat([train.rows(), heldout.rows()]).sort(0).values, x.sort(0).values), name
 
 
 def test_cli_embedding_path(tmp_path):

@@ -16,7 +16,7 @@ from sae_lens.llm_sae_training_runner import _parse_cfg_args
 
 from softsae_plugin.collectives import is_main
 from softsae_plugin.training import data_parallel
-from softsae_plugin.training.activations import load_activations
+from softsae_plugin.training.activations import map_activations
 from softsae_plugin.training.config import (
     OWN_KEYS,
     apply_nulls,
@@ -99,7 +99,7 @@ def _train_sweep(known: argparse.Namespace, rest: Sequence[str]) -> None:
     skip_nonfinite_rows = bool(known.skip_nonfinite_rows or own.get("skip_nonfinite_rows"))
     activations = known.activations or own.get("activations")
     if activations is not None:
-        matrix = load_activations(activations)
+        matrix = map_activations(activations)
         shared.setdefault("d_in", matrix.shape[1])
         shared.setdefault("hook_name", "activations")
         train_sweep_on_activations(matrix, build_sweep(shared, saes), skip_nonfinite_rows=skip_nonfinite_rows)
@@ -114,7 +114,7 @@ NOT_ON_ACTIVATIONS = ("compile_sae", "from_pretrained_path", "compile_llm", "use
 def _train_on_file(path: str, args: list[str], config: dict[str, Any], skip_nonfinite_rows: bool) -> None:
     import wandb
 
-    activations = load_activations(path)
+    activations = map_activations(path)
     args = [*args, "--d_in", str(activations.shape[1])]
     cfg = _parse_cfg_args(args)
     apply_nulls(cfg, config)

@@ -202,6 +202,12 @@ def guard_batches(trainer: Any, *, skip_nonfinite_rows: bool, guard_state: Mappi
     return guard
 
 
+def sample_share(guard_state: Mapping[str, Any]) -> int:
+    """The number of ranks a checkpoint's trainers divided the global sample count among (`sample_share` where the
+    writer recorded it, as a sweep split by SAE does: 1, each SAE trained on the global batch; else its world size)."""
+    return int(guard_state.get("sample_share", guard_state.get("world_size", 1)))
+
+
 def write_guard_state(folder: Path, guard: FiniteBatches, **extra: Any) -> None:
     """Write the guard's counts into a checkpoint folder (the data position a resume continues from, the rows
     skipped, the number of data-parallel ranks), with any `extra` entries."""
@@ -275,17 +281,15 @@ def check_sae_folder(path: str | Path, action: str) -> dict[str, Any]:
     return cfg
 
 
-def check_checkpoint(
-    path: str | Path, sae_cfg: TrainingSAEConfig, *, has_activations_store: bool, in_sweep: bool = False
-) -> dict[str, int]:
+def check_checkpoint(path: str | Path, sae_cfg: TrainingSAEConfig, *, has_activations_store: bool) -> dict[str, int]:
     """Check that `path` is a whole checkpoint of a run configured like `sae_cfg`, before SAE-Lens reads it.
 
     Every problem names the file and what was expected: a missing file, a weights or store file that
     safetensors cannot read (truncated, corrupted) or that holds NaN or inf, a JSON file that does not parse,
     a trainer state that `torch.load(weights_only=True)` refuses (so SAE-Lens' own `torch.load` of it never
     runs pickled code), or a cfg.json of another architecture, size or run length. Returns the guard's counts
-    saved with the checkpoint (empty for a checkpoint written without `guard_trainer`). `in_sweep`: one SAE's folder
-    of a sweep's checkpoint, whose number of ranks is the sweep's (`check_sweep_checkpoint` checks it).
+    saved with the checkpoint (empty for a checkpoint written without `guard_trainer`). The number of ranks is checked
+    where the data position depends on it (a language-model run's; a sweep's is checked by `check_sweep_checkpoint`).
     """
     path = Path(path)
     required = [SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, TRAINER_STATE_FILENAME, ACTIVATION_SCALER_CFG_FILENAME]
@@ -317,14 +321,16 @@ def check_checkpoint(
             )
     guard_file = path / GUARD_STATE_FILENAME
     guard_state = json.loads(guard_file.read_text()) if guard_file.exists() else {}
-    if not in_sweep:
+    if has_activations_store:
+        # A language-model run's data position is per rank (each reads its own shard of the text); a run on a file
+        # of activations counts global batches, which any number of ranks continues.
         check_world_size(guard_state, path)
     return guard_state
 
 
 def check_world_size(guard_state: Mapping[str, int], path: str | Path) -> None:
-    """Refuse to resume a checkpoint written by another number of data-parallel ranks: each rank's data shard and
-    position depend on it."""
+    """Refuse to resume a language-model checkpoint written by another number of data-parallel ranks: each rank's
+    text shard and data position depend on it."""
     saved = guard_state.get("world_size", 1)
     if saved != world_size():
         raise ValueError(
@@ -333,13 +339,20 @@ def check_world_size(guard_state: Mapping[str, int], path: str | Path) -> None:
         )
 
 
-def continue_from_checkpoint(trainer: SAETrainer[Any, Any]) -> None:
-    """Correct the two counters that SAE-Lens' checkpoint loading (`load_trainer_state`) leaves behind.
+def continue_from_checkpoint(
+    trainer: SAETrainer[Any, Any], saved_share: int | None = None, share: int | None = None
+) -> None:
+    """Correct the counters that SAE-Lens' checkpoint loading (`load_trainer_state`) leaves behind.
 
     SAE-Lens saves a mid-run checkpoint before counting the step it has just taken, so `n_training_steps`
     comes back one short: every step-driven schedule (softsae's tau, target k and phase) would repeat a step
-    and stay one behind. The LR scheduler steps exactly once per optimiser step, so its count is right. And
-    the checkpoint thresholds are rebuilt from zero, so each one already passed would fire again.
+    and stay one behind. The LR scheduler steps exactly once per optimiser step, so its count is right. The
+    sample count is a share of the global one: given `saved_share`, the number of ranks it was divided among in the
+    run that wrote the checkpoint (see `sample_share`; a run on a file of activations, whose position is in global
+    batches, may resume on another number of ranks), it is rescaled to this run's `share` (default: the world
+    size). And the checkpoint thresholds are rebuilt from zero, so each one already passed would fire again.
     """
     trainer.n_training_steps = trainer.lr_scheduler.last_epoch
+    if saved_share is not None:
+        trainer.n_training_samples = trainer.n_training_samples * saved_share // (share or world_size())
     trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]

@@ -36,6 +36,7 @@ from softsae_plugin.training.runs import (
     model_and_text,
     with_run_length,
 )
+from softsae_plugin.training.store_state import read_state, tracked_store
 from softsae_plugin.training.summary import print_summary, summarise_saved, write_summary
 
 # Batches of held-out activations the summary measures (32 batches of the quickstart's 1,024 tokens: enough that
@@ -50,10 +51,12 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
     before training is `run_trainer_with_interruption_handling`, and the final save is `save_final_sae`.
     Both call SAE-Lens' own methods.
 
-    With `exact_resume`, SAE-Lens' skip to the checkpoint's text position is turned off and the trainer's data
-    stream is replayed instead: the store, built and seeded as in the uninterrupted run, yields the batches
-    the run drew before its checkpoint (the count saved with it), which are discarded. The shuffle buffer and
-    the RNG behind its permutations then stand where they stood, so every later batch is the same.
+    Every checkpoint holds each rank's exact data position (`StoreState`: the text position, the shuffle buffer's
+    rows, the RNG), and a resume continues from it on every rank: the same batches as the uninterrupted run, with no
+    forward pass replayed. A checkpoint without it (an older version, or a data-parallel run's interrupt handler)
+    falls back to SAE-Lens' skip ahead in the text, or with `exact_resume` (forced under torchrun, where SAE-Lens
+    saves rank 0's position only) to a replay: the store, built and seeded as in the uninterrupted run, yields the
+    batches the run drew before its checkpoint (the count saved with it), which are discarded.
     """
 
     def __init__(
@@ -68,9 +71,15 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
         super().__init__(cfg, **kwargs)
         data_parallel.shard_cached_activations(self.activations_store)
         self.skip_nonfinite_rows, self.guard_state = skip_nonfinite_rows, guard_state
-        self.exact_resume = exact_resume and cfg.resume_from_checkpoint is not None
+        self.store_state = tracked_store(self.activations_store, cfg)
+        resuming = cfg.resume_from_checkpoint is not None
+        self.saved_store_state = read_state(cfg.resume_from_checkpoint) if resuming and self.store_state else None
+        self.exact_resume = exact_resume and resuming and self.saved_store_state is None
         self.guard: FiniteBatches | None = None
         self.trainer: SAETrainer[Any, Any] | None = None
+        if self.saved_store_state is not None:
+            # run() would skip the text ahead to the checkpoint's row; the store state restores the exact position.
+            self.activations_store.load_from_checkpoint = lambda checkpoint_path: None  # type: ignore[method-assign]
         if self.exact_resume:
             if "batches_drawn" not in guard_state:
                 raise ValueError(
@@ -84,12 +93,18 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
     def run_trainer_with_interruption_handling(self, trainer: SAETrainer[Any, Any]) -> TrainingSAE[Any]:
         if self.cfg.resume_from_checkpoint is not None:
             continue_from_checkpoint(trainer)
+        if self.store_state is not None and self.saved_store_state is not None:
+            self.store_state.restore(self.saved_store_state)
         if self.exact_resume:
             for _ in tqdm(range(self.guard_state["batches_drawn"]), desc="Replaying the activation stream"):
                 next(trainer.data_provider)
         self.guard = guard_trainer(trainer, skip_nonfinite_rows=self.skip_nonfinite_rows, guard_state=self.guard_state)
+        if self.store_state is not None:
+            self.store_state.around_checkpoints(trainer)
         data_parallel.data_parallel(trainer)
         self.trainer = trainer
+        if self.store_state is not None and self.saved_store_state is not None:
+            self.store_state.restore_rng()  # last: nothing before training may draw from it
         with fit_quietly_and_in_order(trainer):
             return super().run_trainer_with_interruption_handling(trainer=trainer)
 
@@ -101,6 +116,8 @@ class _GuardedRunner(LanguageModelSAETrainingRunner):
         (SAE-Lens' own would be a folder without weights on every rank)."""
         if checkpoint_path is None or checkpoint_path.exists() or self.trainer is None:
             super().save_checkpoint(checkpoint_path)
+            if checkpoint_path is not None and self.store_state is not None:
+                self.store_state.write_pending(checkpoint_path)
         elif is_main():
             self.trainer.save_checkpoint(checkpoint_name=checkpoint_path.name)
 
@@ -129,7 +146,8 @@ def run_llm_training(
     """
     cfg.sae = with_run_length(cfg.sae, cfg.total_training_steps)
     if data_parallel.split_over_ranks(cfg, skip_nonfinite_rows):
-        # Each rank's store position is not saved, only the number of batches drawn: a resume replays the stream.
+        # A checkpoint without the ranks' store states (`StoreState`) holds rank 0's text position only: a resume
+        # from one replays each rank's stream.
         exact_resume = exact_resume or cfg.resume_from_checkpoint is not None
     if cfg.output_path is not None:
         check_replaceable(cfg.output_path)

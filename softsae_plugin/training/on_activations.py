@@ -21,7 +21,13 @@ from safetensors.torch import save_file
 from softsae_plugin.checks import check_finite
 from softsae_plugin.collectives import is_main
 from softsae_plugin.training import data_parallel
-from softsae_plugin.training.activations import ActivationSource, batches, load_activations, split_heldout
+from softsae_plugin.training.activations import (
+    ActivationSource,
+    MappedRows,
+    batches,
+    map_activations,
+    split_heldout,
+)
 from softsae_plugin.training.guards import (
     FiniteBatches,
     atomic_folder,
@@ -29,6 +35,7 @@ from softsae_plugin.training.guards import (
     check_replaceable,
     continue_from_checkpoint,
     guard_trainer,
+    sample_share,
 )
 from softsae_plugin.training.runs import fit_quietly_and_in_order, with_run_length
 from softsae_plugin.training.summary import print_summary, summarise_saved, training_statistics, write_summary
@@ -75,7 +82,8 @@ def train_on_activations(
     iterable's stream; without `output_path` every row trains. A batch
     holding NaN or inf stops the run with an error, unless `skip_nonfinite_rows` drops those rows (counted in the
     summary). Checkpoints appear whole, and `resume_from` (a checkpoint folder of a run with the same arguments)
-    continues that run exactly where it stopped: same weights as an uninterrupted run of the same seed.
+    continues that run exactly where it stopped: same weights as an uninterrupted run of the same seed, also on
+    another number of data-parallel ranks (the data position is counted in global batches).
     """
     for name, value in (("batch_size", batch_size), ("training_steps", training_steps)):
         if value <= 0:
@@ -130,13 +138,14 @@ def train_with_trainer_config(
     activations = _as_matrix(activations)
     eval_activations = None if eval_activations is None else _as_matrix(eval_activations)
     batch_size = trainer_cfg.train_batch_size_samples
+    is_matrix = isinstance(activations, (torch.Tensor, MappedRows))
     holding_out = output_path is not None and eval_activations is None and heldout_fraction > 0
-    if holding_out and isinstance(activations, torch.Tensor):
+    if holding_out and is_matrix:
         activations, eval_activations = split_heldout(activations, heldout_fraction, seed=seed)
         eval_data = f"held out: a random {heldout_fraction:.0%} of the activation rows, never trained on"
     elif eval_activations is not None:
         eval_data = "held out: the eval_activations given"
-    elif isinstance(activations, torch.Tensor):
+    elif is_matrix:
         eval_data = "training data (heldout_fraction=0: no rows were held out)"
     else:
         eval_data = "held out: the batches that follow training in the activation stream"
@@ -153,18 +162,20 @@ def train_with_trainer_config(
                 "expected a checkpoint of this function or of `sae-lens train --activations`"
             )
     sae = TrainingSAE.from_dict(dataclasses.replace(sae_cfg, device=trainer_cfg.device).to_dict())
-    data = batches(activations, batch_size, seed=seed, start=guard_state.get("batches_drawn", 0))
-    # Data-parallel: every rank draws the same global batches and trains on its own slice of each.
+    # Data-parallel: every rank draws the same global batches and trains on its own slice of each (of a matrix, it
+    # reads only the rows of its slice from a mapped file).
+    share = data_parallel.shard if is_matrix else None
+    data = batches(activations, batch_size, seed=seed, start=guard_state.get("batches_drawn", 0), share=share)
     trainer = SAETrainer(
         cfg=data_parallel.per_rank(trainer_cfg, skip_nonfinite_rows),
         sae=sae,
-        data_provider=map(data_parallel.shard, data),
+        data_provider=data if is_matrix else map(data_parallel.shard, data),
     )
     if resume_from is not None:
         # What SAE-Lens' runner does for resume_from_checkpoint; the data position is restored above.
         trainer.load_trainer_state(resume_from)
         sae.load_weights_from_checkpoint(resume_from)
-        continue_from_checkpoint(trainer)
+        continue_from_checkpoint(trainer, saved_share=sample_share(guard_state))
     guard = guard_trainer(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
     data_parallel.data_parallel(trainer)
     with fit_quietly_and_in_order(trainer, progress=progress):
@@ -177,8 +188,12 @@ def train_with_trainer_config(
     with atomic_folder(output_path) as staged:  # the SAE first: a summary that fails cannot lose it
         sae.save_inference_model(staged)
         save_file({"sparsity": trainer.log_feature_sparsity}, staged / SPARSITY_FILENAME)
+    if isinstance(eval_activations, MappedRows):  # read now, on the rank that measures
+        eval_activations = eval_activations.take(torch.arange(min(SUMMARY_INPUTS, eval_activations.shape[0]))).rows()
     if isinstance(eval_activations, torch.Tensor):  # every held-out row once, in order
         eval_source: Iterator[torch.Tensor] = iter(eval_activations[:SUMMARY_INPUTS].split(batch_size))
+    elif eval_activations is None and is_matrix:  # the whole batches that follow training (not this rank's share)
+        eval_source = batches(activations, batch_size, seed=seed, start=guard.batches_drawn)
     else:
         eval_source = iter(data if eval_activations is None else batches(eval_activations, batch_size, seed=seed + 1))
         eval_source = islice(eval_source, max(1, SUMMARY_INPUTS // batch_size))
@@ -197,7 +212,8 @@ def train_with_trainer_config(
 
 
 def _as_matrix(source: ActivationSource) -> ActivationSource:
-    # Files and arrays become tensors; an iterable of batches stays what it is.
+    # Files become mapped matrices where their format allows (tensors otherwise), arrays become tensors; an iterable
+    # of batches stays what it is.
     if isinstance(source, (str, Path)):
-        return load_activations(source)
+        return map_activations(source)
     return torch.from_numpy(source) if isinstance(source, np.ndarray) else source

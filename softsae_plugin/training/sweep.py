@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 
 from softsae_plugin.checks import check_finite
 from softsae_plugin.collectives import batch_ranks, is_main, sum_over_ranks, world_size
+from softsae_plugin.training.activations import MappedRows
 from softsae_plugin.training.by_sae import (
     BY_SAE,
     SWEEP_PARALLEL_KEY,
@@ -72,9 +73,11 @@ from softsae_plugin.training.guards import (
     continue_from_checkpoint,
     guard_batches,
     rank_zero_writes,
+    sample_share,
     write_guard_state,
 )
 from softsae_plugin.training.runs import local_sources_quietly, model_and_text, with_run_length
+from softsae_plugin.training.store_state import read_state, tracked_store
 from softsae_plugin.training.summary import summarise_saved, write_summary, write_sweep_table
 
 SWEEP_KEY = "saes"
@@ -244,7 +247,9 @@ def guard_multi_trainer(
                     save(checkpoint_name=checkpoint_name, wandb_aliases=wandb_aliases)
                 finally:
                     trainer.cfg = dataclasses.replace(trainer.cfg, checkpoint_path=base)
-                write_guard_state(staged, guard, **{DIVERGED_KEY: getattr(trainer, "diverged", {})})
+                # A sweep split by SAE trains each SAE on the global batch: its sample counts are not divided.
+                share = 1 if getattr(trainer, "by_sae", False) else world_size()
+                write_guard_state(staged, guard, sample_share=share, **{DIVERGED_KEY: getattr(trainer, "diverged", {})})
         finally:
             trainer.trainers = every
 
@@ -252,24 +257,31 @@ def guard_multi_trainer(
     return guard
 
 
-def continue_sweep_from_checkpoint(trainer: MultiSAETrainer) -> None:
-    """`continue_from_checkpoint` for every SAE of a sweep, and the coordinator's own counters to match."""
+def continue_sweep_from_checkpoint(trainer: MultiSAETrainer, saved_share: int | None = None) -> None:
+    """`continue_from_checkpoint` for every SAE of a sweep (`saved_share`: the checkpoint's `sample_share`), and the
+    coordinator's own counters to match."""
+    share = 1 if getattr(trainer, "by_sae", False) else world_size()
     for per_sae in trainer.trainers.values():
-        continue_from_checkpoint(per_sae)
-    trainer.n_training_steps = next(iter(trainer.trainers.values())).n_training_steps
+        continue_from_checkpoint(per_sae, saved_share, share)
+    any_trainer = next(iter(trainer.trainers.values()))
+    trainer.n_training_steps, trainer.n_training_samples = any_trainer.n_training_steps, any_trainer.n_training_samples
     trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
 
 
-def check_sweep_checkpoint(path: str | Path, runner_cfg: MultiSAETrainingRunnerConfig) -> dict[str, Any]:
+def check_sweep_checkpoint(
+    path: str | Path, runner_cfg: MultiSAETrainingRunnerConfig, *, language_model: bool = True
+) -> dict[str, Any]:
     """`check_checkpoint` for a sweep's checkpoint: one folder per SAE, each of the SAE configured here, but for the
-    SAEs that had diverged by then (the guard state's `diverged`: they are not resumed)."""
+    SAEs that had diverged by then (the guard state's `diverged`: they are not resumed). A language-model sweep
+    resumes on its number of ranks only; a sweep on a file of activations (`language_model=False`) on any."""
     path = Path(path)
     guard_file = path / GUARD_STATE_FILENAME
     guard_state = json.loads(guard_file.read_text()) if guard_file.exists() else {}
-    check_world_size(guard_state, path)
+    if language_model:
+        check_world_size(guard_state, path)
     for name, sae_cfg in runner_cfg.saes.items():
         if name not in guard_state.get(DIVERGED_KEY, {}):
-            check_checkpoint(path / name, sae_cfg, has_activations_store=False, in_sweep=True)
+            check_checkpoint(path / name, sae_cfg, has_activations_store=False)
     return guard_state
 
 
@@ -314,10 +326,14 @@ class SweepRunner(MultiSAETrainingRunner):
         self.by_sae = by_sae
         self.trainer: MultiSAETrainer | None = None
         self.guard: FiniteBatches | None = None
-        # Data-parallel: each rank's store position is not saved (only rank 0 writes); a resumed run replays its
-        # own stream up to the checkpoint's number of batches instead of skipping ahead.
-        self.replay = world_size() > 1 and cfg.resume_from_checkpoint is not None
-        if self.replay:
+        # Each rank's exact data position is saved with every checkpoint and restored on resume (see
+        # `language_model._GuardedRunner`). A data-parallel checkpoint without it holds rank 0's text position only:
+        # a resumed run replays its own stream up to the checkpoint's number of batches instead.
+        self.store_state = tracked_store(self.activations_store, cfg, multi_hook=True)
+        resuming = cfg.resume_from_checkpoint is not None
+        self.saved_store_state = read_state(cfg.resume_from_checkpoint) if resuming and self.store_state else None
+        self.replay = world_size() > 1 and resuming and self.saved_store_state is None
+        if self.replay or self.saved_store_state is not None:
             self.activations_store.load_from_checkpoint = lambda checkpoint_path: None  # type: ignore[method-assign]
 
     def run(self) -> dict[str, TrainingSAE[Any]]:
@@ -337,15 +353,27 @@ class SweepRunner(MultiSAETrainingRunner):
     def _run_with_interruption_handling(self, trainer: MultiSAETrainer) -> dict[str, TrainingSAE[Any]]:
         if self.cfg.resume_from_checkpoint is not None:
             continue_sweep_from_checkpoint(trainer)
+        if self.store_state is not None and self.saved_store_state is not None:
+            self.store_state.restore(self.saved_store_state)
         if self.replay:
             for _ in range(self.guard_state.get("batches_drawn", 0)):
                 next(trainer.data_provider)
         self.guard = guard_multi_trainer(
             trainer, skip_nonfinite_rows=self.skip_nonfinite_rows, guard_state=self.guard_state
         )
+        if self.store_state is not None:
+            self.store_state.around_checkpoints(trainer)
         self.trainer = trainer
         prepare_data_parallel(trainer)
+        if self.store_state is not None and self.saved_store_state is not None:
+            self.store_state.restore_rng()  # last: nothing before training may draw from it
         return super()._run_with_interruption_handling(trainer)
+
+    def _save_runner_checkpoint_files(self, checkpoint_path: Path | None) -> None:
+        """SAE-Lens' runner files in a checkpoint folder, and every rank's store state (rank 0 writes it)."""
+        super()._save_runner_checkpoint_files(checkpoint_path)
+        if checkpoint_path is not None and self.store_state is not None:
+            self.store_state.write_pending(checkpoint_path)
 
     def _save_final_outputs(self, saes: dict[str, TrainingSAE[Any]], trainer: MultiSAETrainer) -> None:
         assert self.cfg.output_path is not None
@@ -475,7 +503,7 @@ def run_sweep(sweep: Sweep, *, skip_nonfinite_rows: bool = False, summary_batche
 
 
 def train_sweep_on_activations(
-    activations: torch.Tensor,
+    activations: torch.Tensor | MappedRows,
     sweep: Sweep,
     *,
     skip_nonfinite_rows: bool = False,
@@ -486,7 +514,7 @@ def train_sweep_on_activations(
     every SAE, each SAE seeded and checkpointed as its single run (`train_on_activations`) would be, so that it ends
     with the same weights; then each SAE's folder (whole), summary and the table. The summaries are measured on
     `eval_activations` (described by `eval_data`) or else on a random 10% of the rows, kept out of training."""
-    from softsae_plugin.training.activations import batches, split_heldout
+    from softsae_plugin.training.activations import as_tensor, batches, split_heldout
     from softsae_plugin.training.on_activations import HELDOUT_FRACTION
 
     cfg = sweep.runner
@@ -498,24 +526,28 @@ def train_sweep_on_activations(
     if cfg.output_path is not None and eval_rows is None:
         activations, eval_rows = split_heldout(activations, HELDOUT_FRACTION, seed=cfg.seed)
         eval_data = "held out: a random 10% of the activation rows, never trained on"
-    guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg) if cfg.resume_from_checkpoint else {}
+    guard_state = {}
+    if cfg.resume_from_checkpoint:
+        guard_state = check_sweep_checkpoint(cfg.resume_from_checkpoint, cfg, language_model=False)
     diverged_before = without_diverged(cfg, guard_state)
     by_sae = choose_mode(sweep.parallel, len(cfg.saes)) == BY_SAE
     rank_cfg = per_rank(cfg.to_sae_trainer_config(), skip_nonfinite_rows)
     saes = _seeded_saes(cfg)
-    stream = batches(activations, cfg.train_batch_size_tokens, seed=cfg.seed, start=guard_state.get("batches_drawn", 0))
+    # Each rank its slice of each global batch (read from a mapped file for that slice only).
+    stream = batches(activations, cfg.train_batch_size_tokens, seed=cfg.seed, start=guard_state.get("batches_drawn", 0),
+                     share=shard)  # fmt: skip
     hook = "activations"
     trainer = PerSAETrainer(
         cfg=rank_cfg,
         saes=saes,
         hook_names=dict.fromkeys(saes, hook),
-        data_provider=({hook: shard(batch)} for batch in stream),  # each rank its slice of each global batch
+        data_provider=({hook: batch} for batch in stream),
         lrs=sweep.lrs,
         by_sae=by_sae,
     )
     if cfg.resume_from_checkpoint is not None:
         trainer.load_checkpoint(cfg.resume_from_checkpoint)
-        continue_sweep_from_checkpoint(trainer)
+        continue_sweep_from_checkpoint(trainer, saved_share=sample_share(guard_state))
     guard = guard_multi_trainer(trainer, skip_nonfinite_rows=skip_nonfinite_rows, guard_state=guard_state)
     prepare_data_parallel(trainer)
     saes = trainer.fit()
@@ -531,6 +563,7 @@ def train_sweep_on_activations(
             sae.save_inference_model(staged / name)
             save_file({"sparsity": trainer.trainers[name].log_feature_sparsity}, staged / name / SPARSITY_FILENAME)
     assert eval_rows is not None
+    eval_rows = as_tensor(eval_rows)
     for name in saes:
         summary, k_hat = summarise_saved(Path(cfg.output_path) / name, eval_rows.split(cfg.train_batch_size_tokens),
                                          trainer.trainers[name], eval_data=eval_data)  # fmt: skip
