@@ -69,9 +69,9 @@ def serve_datasets(datasets_dir: Path | None, read: dict[str, dict[str, Any]]) -
 
     def load_dataset(path: str, *args: Any, split: str | None = None, **kwargs: Any) -> Any:
         if datasets_dir is None:
-            data = hub_load(path, *args, **kwargs)
+            data = hub_load(path, *args, split=split, **kwargs)
             read[path] = dataset_record(path, data, "the Hub (datasets.load_dataset)")
-            return data[split] if split is not None else data
+            return data
         if args or kwargs:
             raise EvalError(f"a local copy of {path} cannot serve load_dataset arguments {args} {kwargs}")
         folder = datasets_dir / path
