@@ -48,7 +48,8 @@ PUBLISHED_SAELENS = {
 }
 
 
-# Config fields that are not settings of the measurement: what it measures, and the seed (recorded on its own).
+# Config fields that are not settings of the measurement: the model, core's and saelens' text (labelled from the
+# datasets record instead) and the seed (recorded on its own).
 NOT_SETTINGS = ("model_name", "random_seed", "dataset")
 
 
