@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import datasets
@@ -34,6 +36,7 @@ from softsae_plugin.evaluate.evals import (
     TPP_ID,
     EvalError,
 )
+from softsae_plugin.evaluate.provenance import PROVENANCE_KEY
 from softsae_plugin.evaluate.run import check_results
 from softsae_plugin.evaluate.saes import SAESpec, prepare_decoder
 from softsae_plugin.evaluate.serving import serve_datasets
@@ -80,6 +83,34 @@ def scaled_twin(checkpoint: Path, out: Path, scale: float) -> Path:
     return out
 
 
+def labelled_outputs(out: Path, checkpoints: Sequence[Path]) -> dict[str, object]:
+    """Everything that carries a run's labels: each result JSON's notes, the summary table and CSV, each plot's
+    labels (PNG text) and each checkpoint's model card."""
+    from PIL import Image
+
+    from softsae_plugin.evaluate.results import PLOT_LABELS_KEY
+    from softsae_plugin.hub.card import model_card, read_entry
+
+    return {
+        "notes": {
+            str(p.relative_to(out)): json.loads(p.read_text())[NOTES_KEY]
+            for p in sorted(out.rglob("*_eval_results.json"))
+        },
+        "summary": (out / "summary.md").read_text() + (out / "summary.csv").read_text(),
+        "plots": {p.name: Image.open(p).text[PLOT_LABELS_KEY] for p in sorted(out.glob("*_vs_L0.png"))},
+        "cards": [model_card("user/name", [read_entry(c.name, c)]) for c in checkpoints],
+    }
+
+
+def rerun_reusing_everything(evals: str, saes: Sequence[Path], out: Path, *args: str) -> None:
+    """`sae-lens eval` again on `out` with --no-force-rerun and none of the first run's data or settings flags:
+    SAEBench keeps every result, and nothing is served or trained."""
+    flags = [arg for sae in saes for arg in ("--sae", str(sae))]
+    result = run_cli("eval", "--evals", evals, *flags, "--out", str(out), "--no-force-rerun", *args, cwd=out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "reusing the existing result" in result.stdout
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("saes")
@@ -115,7 +146,7 @@ def absorption_run(checkpoints, tmp_path_factory):
 
 
 def result_file(out: Path, name: str, seed: int = 0, eval_id: str = ABSORPTION_ID) -> Path:
-    return out / f"seed-{seed}" / eval_id / f"{name}_custom_sae_eval_results.json"
+    return out / f"seed-{seed}" / eval_id / f"{name}_custom_sae_seed-{seed}_eval_results.json"
 
 
 @pytest.mark.slow
@@ -154,6 +185,36 @@ def test_absorption_and_splitting_on_softsae_and_topk(absorption_run, checkpoint
     assert not list(absorption_run["cwd"].iterdir())
     probes = out / "seed-0" / "saebench" / SMOLLM2_ID / "artifacts" / "absorption" / "probes" / SMOLLM2_ID
     assert (probes / "layer_2").is_dir()
+
+
+@pytest.mark.slow
+def test_a_rerun_that_reuses_every_result_keeps_every_label(absorption_run, checkpoints):
+    """Labels come from each result's own provenance record (the first-letter probe's record, kept beside the
+    cached probe), not from the command line: a rerun without --absorption-vocab-size that reuses every result
+    leaves the notes, summary, plots and cards as they were. The record names what produced the result, and the
+    seed is in every file name, so SAEBench's own loader keeps the seeds apart."""
+    from sae_bench.sae_bench_utils.graphing_utils import get_eval_results
+
+    out = absorption_run["out"]
+    saes = [checkpoints[name] for name in ABSORPTION_SAES]
+    before = labelled_outputs(out, saes)
+    assert any(
+        "reduced vocabulary" in note
+        for note in before["notes"]["seed-1/absorption_first_letter/softsae_custom_sae_seed-1_eval_results.json"]
+    )
+    assert "reduced vocabulary" in before["plots"]["mean_absorption_fraction_score_vs_L0.png"]
+    assert "reduced vocabulary" in before["cards"][1]
+    rerun_reusing_everything("absorption,splitting", saes, out, "--seeds", "2")
+    assert labelled_outputs(out, saes) == before
+    result = json.loads(result_file(out, "softsae", 1).read_text())
+    record = result[PROVENANCE_KEY]
+    assert record["probe_vocabulary"]["probe_tokens"] < record["probe_vocabulary"]["alphabetic_tokens"]
+    assert record["random_seed"] == 43 and record["seed_offset"] == 1 and record["decoder"] == "unit-norm rows"
+    assert record["sae_bench_version"] == result["sae_bench_commit_hash"] == f"sae_bench=={version('sae_bench')}"
+    assert record["softsae_plugin_version"] and record["softsae_plugin_commit"]
+    assert record["settings_changed"]["max_k_value"] == {"used": 3, "default": 10}
+    files = [str(p) for p in sorted(out.glob(f"seed-*/{ABSORPTION_ID}/*_eval_results.json"))]
+    assert len(get_eval_results(files)) == len(files) == 2 * len(ABSORPTION_SAES)
 
 
 @pytest.mark.slow
@@ -284,30 +345,49 @@ def test_scr_and_tpp_on_pipeline_check_datasets(checkpoints, pipeline_check_data
     assert (out / "scr_metric_threshold_2_vs_L0.png").exists()
     row = json.loads((checkpoints["softsae"] / "eval" / "summary.json").read_text())
     assert row["metrics"]["tpp_threshold_10_total_metric"]["labels"][0].startswith("pipeline check, not a benchmark")
+    # The stand-ins are named as such by their own record, not by --datasets-dir: a rerun that reuses the results,
+    # with neither the datasets nor the settings, keeps every label (JSON, summary, plots' text, model card).
+    before = labelled_outputs(out, [checkpoints["softsae"]])
+    assert "PIPELINE CHECK" in before["plots"]["tpp_threshold_10_total_metric_vs_L0.png"].upper()
+    assert "pipeline check, not a benchmark" in before["cards"][0]
+    rerun_reusing_everything("scr,tpp", [checkpoints["softsae"]], out)
+    assert labelled_outputs(out, [checkpoints["softsae"]]) == before
+    stand_in = json.loads(result_file(out, "softsae", eval_id=SCR_ID).read_text())[PROVENANCE_KEY]["datasets"][0]
+    assert stand_in["name"] == "LabHC/bias_in_bios" and stand_in["stand_in"] and stand_in["fingerprint"]
 
 
-# Small settings for the core, saelens and sparse-probing evals: two batches of 4 prompts of 64 tokens, one
-# bias-in-bios class set with 200/100 probe examples.
-SMALL_MORE_EVALS = [
-    "--set", "core.n_eval_reconstruction_batches=2", "--set", "core.eval_batch_size_prompts=4",
-    "--set", "core.context_size=64",
-    "--set", "saelens.n_eval_reconstruction_batches=2", "--set", "saelens.batch_size_prompts=4",
-    "--set", "saelens.context_size=64",
+# Small settings for the core, saelens and sparse-probing evals: --quick, then two batches of 4 prompts of 64 tokens,
+# one bias-in-bios class set with 200/100 probe examples.
+SMALL_SPARSE_PROBING = [
     "--set", "sparse_probing.dataset_names=[LabHC/bias_in_bios_class_set1]",
     "--set", "sparse_probing.probe_train_set_size=200", "--set", "sparse_probing.probe_test_set_size=100",
     "--set", "sparse_probing.context_length=64", "--set", "sparse_probing.k_values=[1,2]",
 ]  # fmt: skip
+SMALL_MORE_EVALS = [
+    "--quick",
+    "--set", "core.n_eval_reconstruction_batches=2", "--set", "core.eval_batch_size_prompts=4",
+    "--set", "core.context_size=64",
+    "--set", "saelens.n_eval_reconstruction_batches=2", "--set", "saelens.batch_size_prompts=4",
+    "--set", "saelens.context_size=64",
+    *SMALL_SPARSE_PROBING,
+]  # fmt: skip
 
 
-@pytest.mark.slow
-def test_core_saelens_and_sparse_probing_on_softsae_and_topk(checkpoints, pipeline_check_datasets, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def more_evals_run(checkpoints, pipeline_check_datasets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("more") / "out"
     result = run_cli(
         "eval", "--evals", "core,saelens,sparse_probing", "--sae", str(checkpoints["softsae"]),
         "--sae", str(checkpoints["topk"]), "--out", str(out), "--datasets-dir", str(pipeline_check_datasets),
-        *SMALL_MORE_EVALS, "--no-checkpoint-eval", cwd=tmp_path,
+        *SMALL_MORE_EVALS, "--no-checkpoint-eval", cwd=out.parent,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_core_saelens_and_sparse_probing_on_softsae_and_topk(more_evals_run, checkpoints):
+    out = more_evals_run
     for name in ("softsae", "topk"):
         core = metrics(result_file(out, name, eval_id=CORE_ID))
         saelens = metrics(result_file(out, name, eval_id=SAELENS_ID))
@@ -337,12 +417,54 @@ def test_core_saelens_and_sparse_probing_on_softsae_and_topk(checkpoints, pipeli
         assert probing["eval_result_metrics"]["sae"]["sae_test_accuracy"] > 0.8, name
         assert 0.5 < probing["eval_result_metrics"]["sae"]["sae_top_1_test_accuracy"] <= 1.0, name
         assert any(note.startswith("pipeline check, not a benchmark") for note in probing[NOTES_KEY])
-        core_notes = json.loads(result_file(out, name, eval_id=CORE_ID).read_text())[NOTES_KEY]
+        core_result = json.loads(result_file(out, name, eval_id=CORE_ID).read_text())
+        core_notes = core_result[NOTES_KEY]
         assert any("local:english-wikipedia" in note for note in core_notes), core_notes
+        # --quick is recorded and labelled; SAEBench's published settings are what it departs from.
+        assert any(note.startswith("--quick: settings changed") and "(default 2000)" in note for note in core_notes)
+        record = core_result[PROVENANCE_KEY]
+        assert record["quick"] and not record["seed_used"] and record["datasets"][0]["fingerprint"]
+        exclusion = record["settings_changed"]["exclude_special_tokens_from_reconstruction"]
+        assert exclusion == {"used": False, "default": True}
     summary = (out / "summary.md").read_text()
     for column in ("explained_variance", "ce_loss_score", "saelens_ce_loss_score", "sae_top_1_test_accuracy"):
         assert column in summary, column
         assert (out / f"{column}_vs_L0.png").exists(), column
+
+
+@pytest.mark.slow
+def test_sparse_probing_does_not_depend_on_the_saes_order(more_evals_run, checkpoints, pipeline_check_datasets):
+    """SAEBench's sparse probing trains the model's probes inside the first SAE's evaluation, from the random state
+    that SAE's probes then continue from; `sae-lens eval` caches them first, so the SAEs in reverse order score
+    the same."""
+    out = more_evals_run.parent / "reversed"
+    result = run_cli(
+        "eval", "--evals", "sparse_probing", "--sae", str(checkpoints["topk"]), "--sae", str(checkpoints["softsae"]),
+        "--out", str(out), "--datasets-dir", str(pipeline_check_datasets), *SMALL_SPARSE_PROBING,
+        "--no-checkpoint-eval", cwd=out.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("softsae", "topk"):
+        first, second = (metrics(result_file(o, name, eval_id=SPARSE_PROBING_ID)) for o in (more_evals_run, out))
+        for category, values in first.items():
+            assert second[category] == pytest.approx(values, abs=1e-6), (name, category)
+
+
+@pytest.mark.slow
+def test_saebench_graphing_reads_the_output(more_evals_run, tmp_path):
+    """SAEBench's own loaders and plot read every result: core (which its plots need for L0), sparse probing and
+    SAE-Lens' evals (saelens_core, read as core-like)."""
+    from sae_bench.sae_bench_utils.graphing_utils import get_core_results, get_eval_results, plot_results
+
+    def files(eval_id: str) -> list[str]:
+        return [str(p) for p in sorted(more_evals_run.glob(f"seed-*/{eval_id}/*_eval_results.json"))]
+
+    core, probing, saelens = files(CORE_ID), files(SPARSE_PROBING_ID), files(SAELENS_ID)
+    keys = {"softsae_custom_sae_seed-0", "topk_custom_sae_seed-0"}
+    assert set(get_core_results(core)) == set(get_eval_results(probing)) == set(get_eval_results(saelens)) == keys
+    plot_results(probing, core, SPARSE_PROBING_ID, str(tmp_path / "probing"), k=1)
+    plot_results(saelens, core, CORE_ID, str(tmp_path / "saelens"))
+    assert (tmp_path / "probing_2var_sae_type.png").exists() and (tmp_path / "saelens_2var_sae_type.png").exists()
 
 
 def test_help_names_each_eval():
@@ -393,7 +515,7 @@ def test_an_sae_that_cannot_be_folded_is_evaluated_with_a_loud_warning(tiny_chec
 
 def test_a_result_saebench_kept_from_an_earlier_run_is_an_error(tiny_checkpoint, tmp_path):
     spec = SAESpec(name="tiny", sae=SAE.load_from_disk(str(tiny_checkpoint)))
-    path = spec.result_path(tmp_path)
+    path = spec.result_path(tmp_path, 0)
     path.write_text(json.dumps({"eval_result_metrics": {"mean": {"x": 1.0}}}))
     with pytest.raises(EvalError, match="kept an old result"):
         check_results("absorption", [spec], tmp_path, time.time() + 10, True, lambda _: "")
@@ -448,13 +570,16 @@ def test_datasets_are_served_from_local_copies_only(tmp_path):
     info = DatasetInfo(description="written for a test")
     split = Dataset.from_dict({"text": ["a", "b"], "rating": [1.0, 5.0]}, info=info)
     DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "owner" / "reviews"))
-    served: dict[str, str] = {}
+    served: dict[str, dict] = {}
     with serve_datasets(tmp_path, served):
         assert scr_data.load_dataset("owner/reviews")["train"]["text"] == ["a", "b"]
         assert tpp_data.load_dataset("owner/reviews", split="test")["rating"] == [1.0, 5.0]
         with pytest.raises(EvalError, match=r"no copy of owner/other: expected .*owner/other"):
             tpp_data.load_dataset("owner/other")
-    assert served == {"owner/reviews": "written for a test"}
+    record = served["owner/reviews"]
+    assert list(served) == ["owner/reviews"] and record["description"] == "written for a test"
+    assert record["source"] == f"local copy {tmp_path / 'owner' / 'reviews'}" and not record["stand_in"]
+    assert record["fingerprint"]
     assert scr_data.load_dataset is tpp_data.load_dataset is datasets.load_dataset  # restored afterwards
 
 

@@ -197,7 +197,7 @@ SEAMS: dict[str, tuple[str, Callable[[], bool]]] = {
         ),
     ),
     "load_dataset in SAEBench's scr_and_tpp.dataset_creation and sae_bench_utils.dataset_utils": (
-        "serve_datasets patches that name with --datasets-dir",
+        "serve_datasets wraps that name (records each dataset read; with --datasets-dir, loads local copies)",
         lambda: (
             _has("sae_bench.evals.scr_and_tpp.dataset_creation", "load_dataset")
             and _has("sae_bench.sae_bench_utils.dataset_utils", "load_dataset")
@@ -223,6 +223,25 @@ SEAMS: dict[str, tuple[str, Callable[[], bool]]] = {
             == ["config", "selected_saes", "device", "output_path", "force_rerun"]
             and "artifacts_path" in _params(_module("sae_bench.evals.scr_and_tpp.main").run_eval)
             and "artifacts_path" in _params(_module("sae_bench.evals.sparse_probing.main").run_eval)
+        ),
+    ),
+    "get_results_filepath (via general_utils) and get_sae_bench_version in SAEBench's eval main modules": (
+        "saebench_outputs puts the seed in the result file names and SAEBench's version in sae_bench_commit_hash",
+        lambda: (
+            _has("sae_bench.sae_bench_utils.general_utils", "get_results_filepath")
+            and all(
+                "general_utils.get_results_filepath(" in inspect.getsource(_module(f"sae_bench.evals.{name}.main"))
+                and _has(f"sae_bench.evals.{name}.main", "get_sae_bench_version")
+                for name in ("absorption", "scr_and_tpp", "core", "sparse_probing")
+            )
+        ),
+    ),
+    "run_eval_single_sae(config, sae, model, device, artifacts_folder, save_activations) of SAEBench's probing": (
+        "train_llm_probes caches the model's probes with it before the per-SAE run_evals",
+        lambda: (
+            _params(_module("sae_bench.evals.sparse_probing.main").run_eval_single_sae)
+            == ["config", "sae", "model", "device", "artifacts_folder", "save_activations"]
+            and _has("sae_bench.evals.sparse_probing.main", "EVAL_TYPE_ID_SPARSE_PROBING")
         ),
     ),
     "load_or_train_probe in SAEBench's absorption common module": (

@@ -18,9 +18,10 @@ Each replacement is one name looked up inside one SAEBench module, patched only 
 SAEBench file and no metric code changes. Around SAEBench's calls this module also gives every SAE unit-norm
 decoder rows (folding them as SAEBench does for its own releases, or warning loudly where that is impossible),
 evaluates each SAE from the same random state whatever else shares the command (SAEBench's `run_eval` once per
-SAE, reseeded), repeats everything with `--seeds N` and reports the mean and spread, and labels every number
-whose settings depart from SAEBench's (stand-in datasets, a reduced vocabulary) wherever it travels: the
-result JSON, the table, the plots and the model card.
+SAE, reseeded), repeats everything with `--seeds N` and reports the mean and spread, records in every result what
+produced it (provenance.py: the datasets read, the probe vocabulary, the settings that depart from SAEBench's
+published defaults, the versions), and labels every number from that record wherever it travels: the result
+JSON, the table, the plots and the model card.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from softsae_plugin.evaluate.evals import CORE_ID, SAELENS_ID, EvalError
 from softsae_plugin.evaluate.options import eval_configs, override_sections, parse_evals, parser
 from softsae_plugin.evaluate.results import (
     copy_to_checkpoints,
+    datasets_read,
     label_results,
     plot_metrics,
     summary_rows,
     write_summary,
 )
-from softsae_plugin.evaluate.run import eval_labels, run_evals
+from softsae_plugin.evaluate.run import run_evals
 from softsae_plugin.evaluate.saes import build_model, load_saes, resolve_model
 
 
@@ -54,14 +56,13 @@ def main(argv: Sequence[str]) -> None:
         model_name = resolve_model(saes, args.model)
         out = args.out.resolve()
         out.mkdir(parents=True, exist_ok=True)
-        configs = eval_configs(evals, model_name, overrides)
+        configs = eval_configs(evals, model_name, overrides, quick=args.quick)
         logits = CORE_ID in configs or SAELENS_ID in configs
         models = {c.llm_dtype: build_model(model_name, saes, c.llm_dtype, args.device, logits=logits)
                   for c in configs.values()}  # fmt: skip
         runs = [out / f"seed-{offset}" for offset in range(args.seeds)]
-        served: dict[str, str] = {}
         for offset, run in enumerate(runs):
-            served = run_evals(
+            run_evals(
                 saes,
                 evals,
                 model_name,
@@ -73,15 +74,16 @@ def main(argv: Sequence[str]) -> None:
                 datasets_dir=args.datasets_dir.resolve() if args.datasets_dir else None,
                 force_rerun=args.force_rerun,
                 absorption_vocab_size=args.absorption_vocab_size,
+                quick=args.quick,
             )
     except EvalError as err:
         print(f"sae-lens eval: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    labels = eval_labels(evals, served, args.absorption_vocab_size, overrides, configs)
-    for run in runs:
-        label_results(saes, run, labels)
-    rows = summary_rows(saes, evals, runs, labels)
-    _, md_path = write_summary(rows, out, model_name=model_name, saes=saes, served=served)
+    # Labels come from each result's own provenance record, so results kept from an earlier run keep theirs.
+    for offset, run in enumerate(runs):
+        label_results(saes, run, offset)
+    rows = summary_rows(saes, evals, runs)
+    _, md_path = write_summary(rows, out, model_name=model_name, saes=saes, datasets=datasets_read(saes, runs))
     plot_metrics(rows, out)
     if args.checkpoint_eval:
         copy_to_checkpoints(saes, rows, runs, model_name)

@@ -15,6 +15,7 @@ from unittest import mock
 
 import softsae_plugin  # noqa: F401  (registers softsae, so SoftSAE checkpoints load)
 from softsae_plugin.evaluate.evals import reseed
+from softsae_plugin.evaluate.provenance import probe_record_path
 from softsae_plugin.evaluate.saes import SAESpec, hook_layer
 from softsae_plugin.evaluate.serving import working_directory
 
@@ -131,23 +132,41 @@ def stop_after_hook_layer(model: Any, saes: Sequence[SAESpec]) -> Iterator[None]
         vars(model).pop("run_with_cache", None)
 
 
-def train_absorption_probes(model: Any, saes: Sequence[SAESpec], config: Any, workdir: Path, device: str) -> None:
+def train_absorption_probes(
+    model: Any, saes: Sequence[SAESpec], config: Any, workdir: Path, device: str
+) -> dict[int, dict[str, Any] | None]:
     """Train SAEBench's first-letter probe for each hook layer with SAEBench's own function, unless it is
-    cached already, before its `run_eval` (which then loads it from the cache, as for every SAE after the first).
+    cached already, before its `run_eval` (which then loads it from the cache, as for every SAE after the first);
+    return, per layer, the record of the vocabulary the probe was trained on (None for a cached probe without one).
 
     Training it first keeps the probe's random draws out of the seeded `run_eval`, so an SAE's absorption
-    result does not depend on whether the probe was already cached. Run it inside `absorption_vocabulary`.
+    result does not depend on whether the probe was already cached. A probe trained here gets its record
+    (`probe_record_path`) beside it, so a later run that reuses it knows what it was trained on. Run it inside
+    `absorption_vocabulary`, whose vocabularies the record counts.
     """
-    from sae_bench.evals.absorption.common import load_or_train_probe
+    import sae_bench.evals.absorption.common as common
+    import sae_bench.evals.absorption.feature_absorption as feature_absorption
 
     layers = sorted({hook_layer(spec.sae) for spec in saes if spec.sae is not None})
+    probes_dir = absorption_results_dir(workdir) / "probes"
+    records: dict[int, dict[str, Any] | None] = {}
     reseed(config.random_seed)
     for layer in layers:
-        load_or_train_probe(
+        record_path = probe_record_path(probes_dir, model.cfg.model_name, layer)
+        if not (record_path.parent / "probe.pth").exists():
+            record_path.parent.mkdir(parents=True, exist_ok=True)
+            record_path.write_text(json.dumps({
+                "alphabetic_tokens": len(feature_absorption.get_alpha_tokens(model.tokenizer)),
+                "probe_tokens": len(common.get_alpha_tokens(model.tokenizer)),
+                "random_seed": config.random_seed,
+            }) + "\n")  # fmt: skip
+        common.load_or_train_probe(
             model,
             base_template=config.prompt_template,
             pos_idx=config.prompt_token_pos,
             layer=layer,
-            probes_dir=absorption_results_dir(workdir) / "probes",
+            probes_dir=probes_dir,
             device=device,
         )
+        records[layer] = json.loads(record_path.read_text()) if record_path.exists() else None
+    return records

@@ -26,11 +26,12 @@ EVALS = {
 }
 
 
-# SAEBench's eval type ids, which name its output folders and JSON files (saelens: this command's own).
+# SAEBench's eval type ids, which name its output folders and JSON files (saelens_core: this command's own, named
+# so that SAEBench's graphing loaders, which pick a parser by a word in the file's path, read it as core-like).
 ABSORPTION_ID, SCR_ID, TPP_ID = "absorption_first_letter", "scr", "tpp"
 
 
-CORE_ID, SPARSE_PROBING_ID, SAELENS_ID = "core", "sparse_probing", "saelens"
+CORE_ID, SPARSE_PROBING_ID, SAELENS_ID = "core", "sparse_probing", "saelens_core"
 
 
 EVAL_IDS = (ABSORPTION_ID, SCR_ID, TPP_ID, CORE_ID, SPARSE_PROBING_ID, SAELENS_ID)
@@ -81,9 +82,6 @@ TABLE_COLUMNS = (
 
 # SAEBench's default text for the core eval; offline, the local held-out text serves it (and SAE-Lens' evals).
 DEFAULT_TEXT = "Skylion007/openwebtext"
-
-
-LOCAL_DATASET_NOTE = "served from local copies in --datasets-dir"
 
 
 # The description eval/make_pipeline_check_datasets.py stores with its stand-in datasets starts with this.

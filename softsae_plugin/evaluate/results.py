@@ -14,6 +14,7 @@ from typing import Any
 
 import softsae_plugin  # noqa: F401  (registers softsae, so SoftSAE checkpoints load)
 from softsae_plugin.evaluate.evals import (
+    CORE_ID,
     EVAL_IDS,
     EVAL_METRICS,
     METRIC_SOURCES,
@@ -22,17 +23,36 @@ from softsae_plugin.evaluate.evals import (
     TABLE_COLUMNS,
     UNIT_ROWS,
 )
+from softsae_plugin.evaluate.provenance import PROVENANCE_KEY
+from softsae_plugin.evaluate.provenance import labels as provenance_labels
 from softsae_plugin.evaluate.saes import SAESpec
 
+# Said of core's numbers over several seeds in place of a spread.
+CORE_SEED_NOTE = (
+    "core ignores the seed (SAEBench shuffles its text with the fixed seed 42): every seed measures the same "
+    "tokens, so no spread over seeds is reported"
+)
 
-def label_results(saes: Sequence[SAESpec], out: Path, labels: dict[str, list[str]]) -> None:
-    """Add each eval's labels (`eval_labels`) and each SAE's decoder note to SAEBench's result JSON files."""
+# The PNG text key under which each plot carries its labels in full.
+PLOT_LABELS_KEY = "sae_lens_eval_labels"
+
+
+def result_notes(result: dict[str, Any], spec: SAESpec) -> list[str]:
+    """A result's labels (`provenance.labels`, from its own record) and its decoder note (as recorded when it was
+    produced; the current one for a result without a record)."""
+    record = result.get(PROVENANCE_KEY) or {}
+    return [*provenance_labels(result), f"decoder: {record.get('decoder', spec.decoder)}"]
+
+
+def label_results(saes: Sequence[SAESpec], run: Path, seed_offset: int) -> None:
+    """Write each result's notes (`result_notes`) into SAEBench's result JSON files of one seed's folder `run`,
+    whether the result was produced in this command or kept from an earlier one."""
     for spec in saes:
-        for eval_id, notes in labels.items():
-            path = spec.result_path(out / eval_id)
+        for eval_id in EVAL_IDS:
+            path = spec.result_path(run / eval_id, seed_offset)
             if path.exists():
                 result = json.loads(path.read_text())
-                result[NOTES_KEY] = [*notes, f"decoder: {spec.decoder}"]
+                result[NOTES_KEY] = result_notes(result, spec)
                 path.write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -48,12 +68,14 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, std
 
 
-def summary_rows(
-    saes: Sequence[SAESpec], evals: Sequence[str], runs: Sequence[Path], labels: dict[str, list[str]]
-) -> list[dict[str, Any]]:
+def summary_rows(saes: Sequence[SAESpec], evals: Sequence[str], runs: Sequence[Path]) -> list[dict[str, Any]]:
     """One row per SAE: its architecture, k, L0 and FVE (from training_summary.json) and each SAEBench metric's
-    mean and standard deviation over the seeds' output folders `runs`, with the values, the labels and the
-    decoder note."""
+    mean and standard deviation over the seeds' output folders `runs` (seed-0, seed-1, ...), with the values, the
+    labels its result files carry (NOTES_KEY, from their provenance) and the decoder note.
+
+    Core's spread is left out (None): SAEBench's core eval shuffles its text with a fixed seed, so every seed
+    measures the same tokens and the spread is 0 by construction, not a measured one.
+    """
     wanted = {metric for name in evals for metric in EVAL_METRICS[name]}
     rows = []
     for spec in saes:
@@ -61,9 +83,9 @@ def summary_rows(
             {
                 eval_id: json.loads(path.read_text())
                 for eval_id in EVAL_IDS
-                if (path := spec.result_path(run / eval_id)).exists()
+                if (path := spec.result_path(run / eval_id, offset)).exists()
             }
-            for run in runs
+            for offset, run in enumerate(runs)
         ]
         sae_cfg = next(iter(results[0].values()))["sae_cfg_dict"] if results[0] else {}
         summary = spec.training_summary
@@ -82,13 +104,13 @@ def summary_rows(
                 continue
             values = [_number(r[eval_id]["eval_result_metrics"][category][name]) for r in results if eval_id in r]
             mean, std = _mean_std([v for v in values if v is not None])
-            row["metrics"][metric] = {
-                "eval_type_id": eval_id,
-                "mean": mean,
-                "std": std,
-                "values": values,
-                "labels": labels[eval_id],
-            }
+            notes = [note for r in results if eval_id in r for note in r[eval_id].get(NOTES_KEY, [])]
+            found = list(dict.fromkeys(n for n in notes if not n.startswith("decoder: ")))
+            if eval_id == CORE_ID and len(values) > 1:
+                std = None
+                found.append(CORE_SEED_NOTE)
+            row["metrics"][metric] = {"eval_type_id": eval_id, "mean": mean, "std": std, "values": values,
+                                      "labels": found}  # fmt: skip
         rows.append(row)
     return rows
 
@@ -108,11 +130,25 @@ def _cell(metric: dict[str, Any] | None) -> str:
 
 
 def _short_label(labels: Sequence[str]) -> str:
+    # The seed note describes core itself, not a departure from SAEBench's settings.
+    departures = [label for label in labels if label != CORE_SEED_NOTE]
     return (
         " (pipeline check)"
-        if any(label.startswith(PIPELINE_CHECK_LABEL) for label in labels)
-        else (" (reduced settings)" if labels else "")
+        if any(label.startswith(PIPELINE_CHECK_LABEL) for label in departures)
+        else (" (reduced settings)" if departures else "")
     )
+
+
+def datasets_read(saes: Sequence[SAESpec], runs: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """Every dataset the results in the seeds' folders `runs` record as read (their provenance), by name."""
+    found: dict[str, dict[str, Any]] = {}
+    for offset, run in enumerate(runs):
+        for spec in saes:
+            for eval_id in EVAL_IDS:
+                if (path := spec.result_path(run / eval_id, offset)).exists():
+                    record = json.loads(path.read_text()).get(PROVENANCE_KEY) or {}
+                    found.update({d["name"]: d for d in record.get("datasets", [])})
+    return found
 
 
 def write_summary(
@@ -121,11 +157,11 @@ def write_summary(
     *,
     model_name: str,
     saes: Sequence[SAESpec],
-    served: dict[str, str],
+    datasets: dict[str, dict[str, Any]],
     notes: Sequence[str] = (),
 ) -> tuple[Path, Path]:
-    """Write `summary.csv` and `summary.md` (with the model, hooks, dataset provenance, the seeds, each metric's
-    labels, each SAE's decoder note and any other `notes`); return both paths."""
+    """Write `summary.csv` and `summary.md` (with the model, hooks, the datasets the results record as read, the
+    seeds, each metric's labels, each SAE's decoder note and any other `notes`); return both paths."""
     csv_path, md_path = out / "summary.csv", out / "summary.md"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
@@ -152,8 +188,14 @@ def write_summary(
             else ", each SAE evaluated alone from the same seed."
         ),
     ]
-    lines += [f"\nSCR/TPP dataset {name}: {note}" for name, note in sorted(served.items())]
-    metric_labels = {m: r["metrics"][m]["labels"] for r in rows for m in r["metrics"]}
+    lines += [
+        f"\nDataset {name} ({d['source']}, fingerprint {d['fingerprint']}): {d['description'] or 'no description'}"
+        for name, d in sorted(datasets.items())
+    ]
+    metric_labels: dict[str, list[str]] = {}
+    for row in rows:
+        for metric, values in row["metrics"].items():
+            metric_labels[metric] = list(dict.fromkeys([*metric_labels.get(metric, []), *values["labels"]]))
     for metric, labels in sorted(metric_labels.items()):
         lines += [f"\n{metric}: {label}" for label in labels]
     lines += [f"\nDecoder of {row['SAE']}: {row['decoder']}" for row in rows if row["decoder"] != UNIT_ROWS]
@@ -194,7 +236,7 @@ def plot_metrics(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
                 capsize=3,
                 label=arch,
             )
-        labels = points[0]["metrics"][metric]["labels"]
+        labels = sorted({label for r in points for label in r["metrics"][metric]["labels"]})
         ax.set_xlabel("L0 (mean active latents)")
         ax.set_ylabel(metric)
         seeds = points[0]["n_seeds"]
@@ -208,7 +250,8 @@ def plot_metrics(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"{metric}_vs_L0.png"
-        fig.savefig(path, dpi=120)
+        # The labels in full, in the PNG's own text metadata: they travel with the image.
+        fig.savefig(path, dpi=120, metadata={PLOT_LABELS_KEY: "\n".join(labels) or "none"})
         plt.close(fig)
         paths.append(path)
     return paths
@@ -224,9 +267,9 @@ def copy_to_checkpoints(
             continue
         target = spec.checkpoint / "eval"
         shutil.rmtree(target, ignore_errors=True)
-        for run in runs:
+        for offset, run in enumerate(runs):
             for eval_id in EVAL_IDS:
-                if (path := spec.result_path(run / eval_id)).exists():
+                if (path := spec.result_path(run / eval_id, offset)).exists():
                     (target / run.name).mkdir(parents=True, exist_ok=True)
                     shutil.copy2(path, target / run.name / f"{eval_id}_eval_results.json")
         (target / "summary.json").write_text(json.dumps({"model_name": model_name, **row}, indent=2) + "\n")

@@ -10,11 +10,12 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import softsae_plugin  # noqa: F401  (registers softsae, so SoftSAE checkpoints load)
 from softsae_plugin.evaluate.absorption import (
@@ -27,22 +28,20 @@ from softsae_plugin.evaluate.absorption import (
 from softsae_plugin.evaluate.evals import (
     ABSORPTION_ID,
     CORE_ID,
-    DEFAULT_TEXT,
-    EVAL_IDS,
-    PIPELINE_CHECK_LABEL,
-    PIPELINE_CHECK_MARK,
     SAELENS_ID,
     SCR_ID,
-    SECTION_EVAL_IDS,
     SPARSE_PROBING_ID,
     TPP_ID,
     EvalError,
     reseed,
 )
 from softsae_plugin.evaluate.options import CoreSettings, SaeLensSettings, eval_configs
-from softsae_plugin.evaluate.saes import SAESpec
+from softsae_plugin.evaluate.provenance import PROVENANCE_KEY, package_provenance, saebench_version, settings_changed
+from softsae_plugin.evaluate.saes import SAESpec, hook_layer, seeded_results_filepath
 from softsae_plugin.evaluate.serving import serve_datasets, serve_model, serve_text
-from softsae_plugin.offline.text import LOCAL_TEXT_ID
+
+# Kept in each seed's SAEBench artifact folder: the datasets each eval read into it (`dataset_record`).
+DATASETS_LEDGER = "sae_lens_eval_datasets.json"
 
 
 def _no_reason(spec: SAESpec) -> str:
@@ -56,10 +55,11 @@ def check_results(
     started: float,
     force_rerun: bool,
     explain: Callable[[SAESpec], str],
+    seed_offset: int = 0,
 ) -> None:
     """Fail unless SAEBench wrote a result with finite metrics for every SAE (in this run, under force-rerun)."""
     for spec in saes:
-        path = spec.result_path(eval_dir)
+        path = spec.result_path(eval_dir, seed_offset)
         if not path.exists():
             raise EvalError(f"{eval_id}: no result for {spec.name} ({path}); {explain(spec)}")
         if path.stat().st_mtime < started:
@@ -77,44 +77,6 @@ def check_results(
             raise EvalError(f"{eval_id}: SAEBench returned non-finite metrics for {spec.name}: {bad}")
 
 
-def eval_labels(
-    evals: Sequence[str],
-    served: dict[str, str],
-    absorption_vocab_size: int | None,
-    overrides: dict[str, dict[str, Any]],
-    configs: dict[str, Any],
-) -> dict[str, list[str]]:
-    """Per eval type id, the labels its numbers carry: where its settings depart from SAEBench's own."""
-    labels: dict[str, list[str]] = {eval_id: [] for eval_id in EVAL_IDS}
-    if absorption_vocab_size is not None:
-        labels[ABSORPTION_ID].append(
-            f"reduced vocabulary: first-letter probe on about {absorption_vocab_size} of the model's alphabetic "
-            "tokens, not comparable with full-vocabulary SAEBench numbers"
-        )
-    if served:
-        stand_in = any(note.startswith(PIPELINE_CHECK_MARK) for note in served.values())
-        for eval_id in (SCR_ID, TPP_ID, SPARSE_PROBING_ID):
-            labels[eval_id].append(
-                f"{PIPELINE_CHECK_LABEL}: stand-in datasets from --datasets-dir"
-                if stand_in
-                else f"datasets from local copies (--datasets-dir): {', '.join(sorted(served))}"
-            )
-    for eval_id in (CORE_ID, SAELENS_ID):
-        if eval_id in configs and configs[eval_id].dataset == LOCAL_TEXT_ID:
-            labels[eval_id].append(
-                f"measured on {LOCAL_TEXT_ID} (held-out paragraphs of gensim's Wikipedia sample), not {DEFAULT_TEXT}"
-            )
-    for section, eval_id in SECTION_EVAL_IDS.items():
-        if eval_id not in configs:
-            continue
-        # The values as the eval's config holds them (parsed), not as typed on the command line.
-        keys = [key for key in overrides[section] if key not in ("random_seed", "dataset")]
-        changed = {key: getattr(configs[eval_id], key) for key in keys}
-        if changed:
-            labels[eval_id].append(f"settings changed from the eval's defaults: {changed}")
-    return labels
-
-
 def run_evals(
     saes: Sequence[SAESpec],
     evals: Sequence[str],
@@ -128,14 +90,16 @@ def run_evals(
     datasets_dir: Path | None = None,
     force_rerun: bool = True,
     absorption_vocab_size: int | None = None,
-) -> dict[str, str]:
-    """Run the evals on `saes` and check every result; return the datasets served from local copies.
+    quick: bool = False,
+) -> None:
+    """Run the evals on `saes`, check every result and record in it what produced it (`provenance`).
 
     SAEBench's `run_eval` runs once per SAE, each time from the same random state (the eval's `random_seed` plus
     `seed_offset`), so an SAE's numbers do not depend on the other SAEs of the command or their order. `models`
-    holds the model per dtype (see `build_model`), built once for every seed. Results go to `out/<eval type id>/`
-    and SAEBench's artifacts to `out/saebench/<model>/` (emptied first under `force_rerun`, so no probe or cached
-    activation from an earlier run is reused).
+    holds the model per dtype (see `build_model`), built once for every seed. Results go to `out/<eval type id>/`,
+    named with the seed (`SAESpec.result_path`), and SAEBench's artifacts to `out/saebench/<model>/` (emptied first
+    under `force_rerun`, so no probe or cached activation from an earlier run is reused). A result SAEBench keeps
+    from an earlier run (without `force_rerun`) keeps the provenance it was written with.
     """
     from sae_bench.evals.absorption import main as absorption_main
     from sae_bench.evals.core import main as core_main
@@ -146,41 +110,147 @@ def run_evals(
     if force_rerun and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    served: dict[str, str] = {}
+    # The datasets each eval read into this artifact folder, kept with the artifacts (its cached activations):
+    # a result computed from cached activations names the data they came from.
+    ledger_path = workdir / DATASETS_LEDGER
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
     modules = {ABSORPTION_ID: absorption_main, SCR_ID: scr_tpp_main, TPP_ID: scr_tpp_main, CORE_ID: core_main,
                SPARSE_PROBING_ID: sparse_probing_main}  # fmt: skip
-    for eval_id, config in eval_configs(evals, model_name, overrides, seed_offset).items():
+    for eval_id, config in eval_configs(evals, model_name, overrides, seed_offset, quick=quick).items():
         eval_dir = out / eval_id
         print(f"== {eval_id} on {len(saes)} SAE(s), model {model_name}, seed {config.random_seed}", flush=True)
         started = time.time()
         explain: Callable[[SAESpec], str] = _no_reason
+        read: dict[str, dict[str, Any]] = ledger.setdefault(eval_id, {})
+        probes: dict[int, dict[str, Any] | None] = {}
         with ExitStack() as stack:
+            stack.enter_context(saebench_outputs(list(modules.values()), seed_offset))
             if eval_id in modules:
                 stack.enter_context(serve_model(modules[eval_id], model_name, models))
             if eval_id == ABSORPTION_ID:
                 stack.enter_context(absorption_vocabulary(absorption_vocab_size, config.random_seed))
                 stack.enter_context(stop_after_hook_layer(models[config.llm_dtype], saes))
-                train_absorption_probes(models[config.llm_dtype], saes, config, workdir, device)
+                probes = train_absorption_probes(models[config.llm_dtype], saes, config, workdir, device)
                 stack.enter_context(absorption_artifacts_in(workdir))
                 eval_dir.mkdir(parents=True, exist_ok=True)  # SAEBench's absorption CLI makes it, run_eval does not
                 run = partial(absorption_main.run_eval, output_path=str(eval_dir))
                 explain = partial(absorption_skip_reason, workdir, config=config)
             elif eval_id in (SCR_ID, TPP_ID, SPARSE_PROBING_ID):
-                if datasets_dir is not None:
-                    stack.enter_context(serve_datasets(datasets_dir, served))
+                stack.enter_context(serve_datasets(datasets_dir, read))
                 # SAEBench's scr/tpp add their own subfolder to output_path; sparse probing writes into it.
                 output = out if eval_id != SPARSE_PROBING_ID else eval_dir
                 run = partial(modules[eval_id].run_eval, output_path=str(output), artifacts_path=str(workdir))
+                if eval_id == SPARSE_PROBING_ID:
+                    train_llm_probes(config, saes, models[config.llm_dtype], device, workdir)
             elif eval_id == CORE_ID:
-                stack.enter_context(serve_text(config.dataset))
+                stack.enter_context(serve_text(config.dataset, read))
                 run = partial(_run_core, output_folder=str(eval_dir))
             else:
-                run = partial(run_saelens_evals, model=models[config.llm_dtype], eval_dir=eval_dir)
+                stack.enter_context(serve_text(config.dataset, read))
+                model = models[config.llm_dtype]
+                run = partial(run_saelens_evals, model=model, eval_dir=eval_dir, seed_offset=seed_offset)
             for spec in saes:
+                if eval_id in (CORE_ID, SAELENS_ID):
+                    read.clear()  # each SAE reads its text afresh
+                before = time.time()
                 reseed(config.random_seed)
                 run(config=config, selected_saes=[spec.selection()], device=device, force_rerun=force_rerun)
-        check_results(eval_id, saes, eval_dir, started, force_rerun, explain)
-    return served
+                path = spec.result_path(eval_dir, seed_offset)
+                if path.exists() and path.stat().st_mtime >= before:  # produced now, not kept from earlier
+                    own = _own_record(eval_id, spec, config, probes, quick)
+                    add_provenance(path, spec, model_name, seed_offset, list(read.values()), own)
+        ledger_path.write_text(json.dumps(ledger, indent=2) + "\n")
+        check_results(eval_id, saes, eval_dir, started, force_rerun, explain, seed_offset)
+
+
+def _own_record(
+    eval_id: str, spec: SAESpec, config: Any, probes: dict[int, dict[str, Any] | None], quick: bool
+) -> dict[str, Any]:
+    # What only one eval knows of its data and settings: absorption's probe vocabulary, core's and saelens' text
+    # and whether --quick chose their batches.
+    if eval_id == ABSORPTION_ID:
+        return {"probe_vocabulary": probes.get(hook_layer(spec.sae)) if spec.sae is not None else None}
+    if eval_id == CORE_ID:
+        return {"text": config.dataset, "quick": quick, "seed_used": False}  # SAEBench's core shuffles with seed 42
+    if eval_id == SAELENS_ID:
+        return {"text": config.dataset, "quick": quick}
+    return {}
+
+
+def add_provenance(
+    path: Path,
+    spec: SAESpec,
+    model_name: str,
+    seed_offset: int,
+    datasets_read: list[dict[str, Any]],
+    record: dict[str, Any],
+) -> None:
+    """Write into the result at `path`, just produced, what produced it (PROVENANCE_KEY): the datasets read, the
+    settings that differ from SAEBench's published defaults (from the config the result itself stores), the seed,
+    the decoder note, SAEBench's version, this package's version and commit, and `record` (the eval's own: the
+    probe vocabulary; the text and --quick). The labels are computed from it later (`label_results`), for kept
+    results too."""
+    result = json.loads(path.read_text())
+    result[PROVENANCE_KEY] = {
+        "datasets": datasets_read,
+        **record,
+        "settings_changed": settings_changed(result["eval_type_id"], result["eval_config"], model_name),
+        "random_seed": result["eval_config"].get("random_seed"),
+        "seed_offset": seed_offset,
+        "decoder": spec.decoder,
+        "sae_bench_version": saebench_version(),
+        **package_provenance(),
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@contextmanager
+def saebench_outputs(modules: Sequence[Any], seed_offset: int) -> Iterator[None]:
+    """While the block runs, SAEBench names its result files with the seed (`seeded_results_filepath`) and records
+    its own version (`saebench_version`) in `sae_bench_commit_hash`.
+
+    SAEBench's `get_sae_bench_version` runs `git rev-parse HEAD` in the working directory, which records the
+    commit of whatever repository the command runs in, not SAEBench's. Its eval modules look the two functions up
+    by name (`general_utils.get_results_filepath`, and `get_sae_bench_version` imported into each module).
+    """
+    import sae_bench.sae_bench_utils.general_utils as general_utils
+
+    def results_filepath(output_path: str, sae_release: str, sae_id: str) -> str:
+        return seeded_results_filepath(output_path, sae_release, sae_id, seed_offset)
+
+    version = saebench_version()
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(general_utils, "get_results_filepath", results_filepath))
+        for module in modules:
+            stack.enter_context(mock.patch.object(module, "get_sae_bench_version", lambda: version))
+        yield
+
+
+def train_llm_probes(config: Any, saes: Sequence[SAESpec], model: Any, device: str, artifacts_path: Path) -> None:
+    """Cache SAEBench's sparse-probing activations and model (LLM) probes for each dataset and hook, from the seed,
+    before its per-SAE `run_eval`s (which then load them, as SAEBench does for every SAE after the first).
+
+    SAEBench builds the cache inside the first SAE's evaluation: that SAE's probes would start from the random
+    state the model's probes leave, the others' from the seed, so an SAE's numbers would depend on its place in
+    the list. Here SAEBench's own `run_eval_single_sae` runs once per dataset and hook on the first SAE at that
+    hook, each from the seed, and its result is discarded: only the cache it writes is kept.
+    """
+    import sae_bench.evals.sparse_probing.main as sparse_probing_main
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae, str_to_dtype
+
+    hooks: dict[str, Any] = {}
+    for spec in saes:
+        _, sae, _ = load_and_format_sae(*spec.selection(), device)
+        hooks.setdefault(sae.cfg.hook_name, sae.to(device=device, dtype=str_to_dtype(config.llm_dtype)))
+    for hook, sae in hooks.items():
+        # The folder SAEBench's run_eval reads them from.
+        folder = artifacts_path / sparse_probing_main.EVAL_TYPE_ID_SPARSE_PROBING / config.model_name / hook
+        for name in config.dataset_names:
+            if (folder / f"{name}_activations.pt".replace("/", "_")).exists():
+                continue
+            one = dataclasses.replace(config, dataset_names=[name])
+            reseed(config.random_seed)
+            sparse_probing_main.run_eval_single_sae(one, sae, model, device, str(folder), save_activations=True)
 
 
 def _run_core(
@@ -197,11 +267,18 @@ def _run_core(
 
 
 def run_saelens_evals(
-    config: SaeLensSettings, selected_saes: list[Any], device: str, force_rerun: bool, model: Any, eval_dir: Path
+    config: SaeLensSettings,
+    selected_saes: list[Any],
+    device: str,
+    force_rerun: bool,
+    model: Any,
+    eval_dir: Path,
+    seed_offset: int = 0,
 ) -> None:
     """SAE-Lens' own `run_evals` on each SAE object (every metric of its EvalConfig on), its result written like
-    SAEBench's: `eval_dir/<name>_custom_sae_eval_results.json` with `eval_result_metrics` by category."""
-    from sae_bench.sae_bench_utils.general_utils import get_results_filepath
+    SAEBench's: `eval_dir/<name>_custom_sae_seed-N_eval_results.json` with `eval_result_metrics` by category,
+    SAEBench's top-level keys and the SAE's config, so that SAEBench's graphing loaders read it."""
+    from sae_bench.sae_bench_utils import get_eval_uuid, get_sae_lens_version
     from sae_lens.evals import EvalConfig, run_evals
     from sae_lens.training.activation_scaler import ActivationScaler
     from sae_lens.training.activations_store import ActivationsStore
@@ -218,11 +295,10 @@ def run_saelens_evals(
         compute_variance_metrics=True,
     )
     for name, sae in selected_saes:
-        path = Path(get_results_filepath(str(eval_dir), name, "custom_sae"))
+        path = Path(seeded_results_filepath(str(eval_dir), name, "custom_sae", seed_offset))
         if path.exists() and not force_rerun:
             continue
-        with serve_text(config.dataset):
-            store = ActivationsStore.from_sae(model, sae, context_size=config.context_size, dataset=config.dataset)
+        store = ActivationsStore.from_sae(model, sae, context_size=config.context_size, dataset=config.dataset)
         # Shuffled as SAEBench's core eval shuffles its text (with its fixed seed 42, this eval's default seed).
         store.shuffle_input_dataset(seed=config.random_seed)
         # The saved SAE takes raw activations: no scaling (SAE-Lens folded it into the weights).
@@ -230,7 +306,13 @@ def run_saelens_evals(
         result = {
             "eval_type_id": SAELENS_ID,
             "eval_config": dataclasses.asdict(config),
+            "eval_id": get_eval_uuid(),
+            "datetime_epoch_millis": int(time.time() * 1000),
             "eval_result_metrics": metrics,
+            "sae_bench_commit_hash": saebench_version(),
+            "sae_lens_id": "custom_sae",
+            "sae_lens_release_id": name,
+            "sae_lens_version": get_sae_lens_version(),
             "sae_cfg_dict": sae.cfg.to_dict(),
         }
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_bench.sae_bench_utils.general_utils import get_results_filepath  # bound before `saebench_outputs` wraps it
 from sae_lens import SAE
 
 import softsae_plugin  # noqa: F401  (registers softsae, so SoftSAE checkpoints load)
@@ -42,12 +43,20 @@ class SAESpec:
         assert self.release is not None and self.sae_id is not None
         return self.release, self.sae_id
 
-    def result_path(self, eval_dir: Path) -> Path:
-        """Where SAEBench writes this SAE's result in `eval_dir` (SAEBench names custom SAEs 'custom_sae')."""
-        from sae_bench.sae_bench_utils.general_utils import get_results_filepath
-
+    def result_path(self, eval_dir: Path, seed_offset: int) -> Path:
+        """Where SAEBench writes this SAE's result of the `seed_offset`-th seed in `eval_dir` (SAEBench names custom
+        SAEs 'custom_sae'; `sae-lens eval` adds the seed, see `seeded_results_filepath`)."""
         release, sae_id = (self.name, "custom_sae") if self.sae is not None else self.selection()
-        return Path(get_results_filepath(str(eval_dir), release, str(sae_id)))
+        return Path(seeded_results_filepath(str(eval_dir), release, str(sae_id), seed_offset))
+
+
+def seeded_results_filepath(output_path: str, sae_release: str, sae_id: str, seed_offset: int) -> str:
+    """SAEBench's result file name with the seed in it (`<release>_<sae id>_seed-N_eval_results.json`).
+
+    SAEBench's graphing code keys each result by its file name: without the seed, the seeds' files of one SAE
+    would share a key and be merged into one point.
+    """
+    return get_results_filepath(output_path, sae_release, f"{sae_id}_seed-{seed_offset}")
 
 
 def _sae_names(paths: Sequence[Path]) -> list[str]:

@@ -15,7 +15,7 @@ from unittest import mock
 import torch
 
 import softsae_plugin  # noqa: F401  (registers softsae, so SoftSAE checkpoints load)
-from softsae_plugin.evaluate.evals import LOCAL_DATASET_NOTE, EvalError
+from softsae_plugin.evaluate.evals import EvalError
 from softsae_plugin.offline.text import LOCAL_TEXT_ID, english_text
 
 
@@ -51,26 +51,34 @@ def serve_model(eval_module: Any, model_name: str, models: dict[str, Any]) -> It
 
 
 @contextmanager
-def serve_datasets(datasets_dir: Path, served: dict[str, str]) -> Iterator[None]:
-    """While the block runs, SAEBench's SCR/TPP `load_dataset(name)` loads `datasets_dir / name` from disk.
+def serve_datasets(datasets_dir: Path | None, read: dict[str, dict[str, Any]]) -> Iterator[None]:
+    """While the block runs, every dataset SAEBench's SCR/TPP/sparse-probing code loads with `load_dataset(name)` is
+    recorded in `read` (`dataset_record`: where from, fingerprint, stand-in or not), and with `datasets_dir` it is
+    loaded from the local copy `datasets_dir / name` instead of the Hub.
 
-    The two SAEBench modules that call `load_dataset` for SCR and TPP get a loader that reads only local
-    copies (a missing copy is an error naming the folder it expected, never a silent Hub download). The
-    description stored with each copy is recorded in `served`, so the summary can say what was used.
+    The two SAEBench modules that call `load_dataset` get a wrapper; with `datasets_dir` it reads only local copies
+    (a missing copy is an error naming the folder it expected, never a silent Hub download).
     """
     import datasets
     import sae_bench.evals.scr_and_tpp.dataset_creation as scr_data
     import sae_bench.sae_bench_utils.dataset_utils as tpp_data
 
+    from softsae_plugin.evaluate.provenance import dataset_record
+
+    hub_load = tpp_data.load_dataset
+
     def load_dataset(path: str, *args: Any, split: str | None = None, **kwargs: Any) -> Any:
+        if datasets_dir is None:
+            data = hub_load(path, *args, split=split, **kwargs)
+            read[path] = dataset_record(path, data, "the Hub (datasets.load_dataset)")
+            return data
         if args or kwargs:
             raise EvalError(f"a local copy of {path} cannot serve load_dataset arguments {args} {kwargs}")
         folder = datasets_dir / path
         if not folder.is_dir():
             raise EvalError(f"--datasets-dir has no copy of {path}: expected {folder} (datasets.save_to_disk)")
         data = datasets.load_from_disk(str(folder))
-        first = data if isinstance(data, datasets.Dataset) else next(iter(data.values()))
-        served[path] = first.info.description or LOCAL_DATASET_NOTE
+        read[path] = dataset_record(path, data, f"local copy {folder}")
         return data[split] if split is not None else data
 
     with (
@@ -81,15 +89,23 @@ def serve_datasets(datasets_dir: Path, served: dict[str, str]) -> Iterator[None]
 
 
 @contextmanager
-def serve_text(dataset: str) -> Iterator[None]:
+def serve_text(dataset: str, read: dict[str, dict[str, Any]] | None = None) -> Iterator[None]:
     """While the block runs, SAE-Lens' activation store reads the local held-out text (offline/text.py's held-out
-    paragraphs) where it asks `load_dataset` for LOCAL_TEXT_ID; any other name goes to `datasets` as usual."""
+    paragraphs) where it asks `load_dataset` for LOCAL_TEXT_ID; any other name goes to `datasets` as usual. Each
+    text read is recorded in `read` (`dataset_record`) when given."""
     import sae_lens.training.activations_store as store_module
+
+    from softsae_plugin.evaluate.provenance import dataset_record
 
     load_dataset = store_module.load_dataset
 
     def load(path: str, *args: Any, **kwargs: Any) -> Any:
-        return english_text(split="heldout") if path == LOCAL_TEXT_ID else load_dataset(path, *args, **kwargs)
+        local = path == LOCAL_TEXT_ID
+        data = english_text(split="heldout") if local else load_dataset(path, *args, **kwargs)
+        if read is not None:
+            source = "local held-out text (offline)" if local else "datasets.load_dataset"
+            read[path] = dataset_record(path, data, source)
+        return data
 
     with mock.patch.object(store_module, "load_dataset", load):
         yield
