@@ -294,11 +294,16 @@ def write_modes(results: dict[str, list[dict[str, Any]]], info: dict[str, Any], 
     axes[1].set_ylabel("bytes per step per rank (computed)")
     axes[1].set_title("Gemma-2-2B sweep: 20 SAEs, d_sae 16384", fontsize=10)
     axes[1].legend(title="sweep_parallel", fontsize=8)
+    return _save(fig, lines, out / f"{PREFIX}_modes.png", out / f"{PREFIX}_modes.md")
+
+
+def _save(fig: Any, lines: list[str], png: Path, md: Path) -> str:
+    """Write a section's figure and its Markdown; return the Markdown."""
     fig.tight_layout()
-    fig.savefig(out / f"{PREFIX}_modes.png", dpi=110)
-    plt.close(fig)
+    fig.savefig(png, dpi=110)
+    pyplot().close(fig)
     text = "\n".join(lines)
-    (out / f"{PREFIX}_modes.md").write_text(text)
+    md.write_text(text)
     return text
 
 
@@ -360,12 +365,7 @@ def write(results: dict[str, list[dict[str, Any]]], info: dict[str, Any], out: P
             ax.set_ylabel("tokens per second")
             ax.set_title("data-parallel on 2 cores", fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(out / f"{PREFIX}.png", dpi=110)
-    plt.close(fig)
-    text = "\n".join(lines)
-    (out / f"{PREFIX}_summary.md").write_text(text)
-    return text
+    return _save(fig, lines, out / f"{PREFIX}.png", out / f"{PREFIX}_summary.md")
 
 
 def main(argv: list[str] | None = None) -> None:
