@@ -192,10 +192,14 @@ def train_with_trainer_config(
         eval_activations = eval_activations.take(torch.arange(min(SUMMARY_INPUTS, eval_activations.shape[0]))).rows()
     if isinstance(eval_activations, torch.Tensor):  # every held-out row once, in order
         eval_source: Iterator[torch.Tensor] = iter(eval_activations[:SUMMARY_INPUTS].split(batch_size))
-    elif eval_activations is None and is_matrix:  # the whole batches that follow training (not this rank's share)
-        eval_source = batches(activations, batch_size, seed=seed, start=guard.batches_drawn)
     else:
-        eval_source = iter(data if eval_activations is None else batches(eval_activations, batch_size, seed=seed + 1))
+        if eval_activations is None and is_matrix:  # the whole batches that follow training (not this rank's share)
+            eval_source = batches(activations, batch_size, seed=seed, start=guard.batches_drawn)
+        elif eval_activations is None:
+            eval_source = iter(data)
+        else:
+            eval_source = batches(eval_activations, batch_size, seed=seed + 1)
+        # Every stream here is endless (or as long as the caller's): the summary reads SUMMARY_INPUTS rows of it.
         eval_source = islice(eval_source, max(1, SUMMARY_INPUTS // batch_size))
     eval_batches = FiniteBatches(eval_source, lambda: "the evaluation after training", skip_rows=skip_nonfinite_rows)
     try:
