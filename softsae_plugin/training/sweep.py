@@ -247,9 +247,8 @@ def guard_multi_trainer(
                     save(checkpoint_name=checkpoint_name, wandb_aliases=wandb_aliases)
                 finally:
                     trainer.cfg = dataclasses.replace(trainer.cfg, checkpoint_path=base)
-                # A sweep split by SAE trains each SAE on the global batch: its sample counts are not divided.
-                share = 1 if getattr(trainer, "by_sae", False) else world_size()
-                write_guard_state(staged, guard, sample_share=share, **{DIVERGED_KEY: getattr(trainer, "diverged", {})})
+                diverged = {DIVERGED_KEY: getattr(trainer, "diverged", {})}
+                write_guard_state(staged, guard, sample_share=_sample_share(trainer), **diverged)
         finally:
             trainer.trainers = every
 
@@ -257,12 +256,16 @@ def guard_multi_trainer(
     return guard
 
 
+def _sample_share(trainer: MultiSAETrainer) -> int:
+    # How many ranks divide each SAE's sample count: none in a sweep split by SAE (each SAE sees the global batch).
+    return 1 if getattr(trainer, "by_sae", False) else world_size()
+
+
 def continue_sweep_from_checkpoint(trainer: MultiSAETrainer, saved_share: int | None = None) -> None:
     """`continue_from_checkpoint` for every SAE of a sweep (`saved_share`: the checkpoint's `sample_share`), and the
     coordinator's own counters to match."""
-    share = 1 if getattr(trainer, "by_sae", False) else world_size()
     for per_sae in trainer.trainers.values():
-        continue_from_checkpoint(per_sae, saved_share, share)
+        continue_from_checkpoint(per_sae, saved_share, _sample_share(trainer))
     any_trainer = next(iter(trainer.trainers.values()))
     trainer.n_training_steps, trainer.n_training_samples = any_trainer.n_training_steps, any_trainer.n_training_samples
     trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
