@@ -51,7 +51,14 @@ aten = torch.ops.aten
 SHAPES = {"512/4096": (512, 4096), "2304/16384": (2304, 16384)}
 K, K_MAX, TOTAL_STEPS = 32, 64, 1000
 PHASES = {"start": 0, "mid": 5, "final": 500, "hard": 950}
-SOFT_MODELS = {"softsae_paper": (None, False), "softsae_h256": (256, False), "softsae_paper_fused": (None, True)}
+# SoftSAE variants: config options over the defaults (the paper's head, the constraint control, eager).
+SOFT_MODELS: dict[str, dict[str, Any]] = {
+    "softsae_paper": {},
+    "softsae_h256": {"k_head_hidden": 256},
+    "softsae_paper_fused": {"fuse_soft_topk": True},
+    # The paper's softplus budget in the soft phase (no shift to solve), the hard phase calibrated (issue 23).
+    "softsae_paper_softplus": {"sparsity_control": "softplus", "calibrate_hard_l0": True},
+}
 BASELINES = ("topk", "batchtopk", "matryoshka")
 NO_LAUNCH = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default, aten.detach.default}
 SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
@@ -153,9 +160,8 @@ def make_sae(model: str, d_in: int, d_sae: int, device: str = "cpu") -> Any:
 
     common: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "device": device}
     if model.startswith("softsae"):
-        head, fused = SOFT_MODELS[model]
         cfg: Any = SoftTrainingSAEConfig(
-            **common, k=K, k_max=K_MAX, k_head_hidden=head, fuse_soft_topk=fused, total_training_steps=TOTAL_STEPS
+            **common, k=K, k_max=K_MAX, total_training_steps=TOTAL_STEPS, **SOFT_MODELS[model]
         )
     elif model == "topk":
         cfg = TopKTrainingSAEConfig(**common, k=K)
@@ -211,7 +217,7 @@ def inference_runner(model: str, d_in: int, d_sae: int) -> Callable[[torch.Tenso
     if model == "topk":
         sae: Any = TopKSAE(TopKSAEConfig(**common, k=K))
     else:
-        sae = SoftSAE(SoftSAEConfig(**common, k=K, k_max=K_MAX, k_head_hidden=SOFT_MODELS[model][0]))
+        sae = SoftSAE(SoftSAEConfig(**common, k=K, k_max=K_MAX, k_head_hidden=SOFT_MODELS[model].get("k_head_hidden")))
         with torch.no_grad():  # a trained-like head: k_hat spread around k rather than all at k_max / 2
             sae.w_k_out.normal_(0, 1 / (sae.w_k_out.numel() ** 0.5))
 
@@ -254,7 +260,9 @@ def count_shape(shape: str, batch: int) -> list[dict[str, Any]]:
         phases = PHASES if model.startswith("softsae") else {"step": 0}
         for phase, step in phases.items():
             run(step, x)  # unmeasured: b_dec's initialisation, the hard phase's freeze, Adam's state
-            counter = count(lambda run=run, step=step: run(step, x), fused=SOFT_MODELS.get(model, (None, False))[1])
+            counter = count(
+                lambda run=run, step=step: run(step, x), fused=SOFT_MODELS.get(model, {}).get("fuse_soft_topk", False)
+            )
             rows.append(_row(shape, model, phase, batch, counter))
             print(_describe(rows[-1]), flush=True)
     for model in ("softsae_paper", "softsae_h256", "topk"):

@@ -95,16 +95,15 @@ def _threshold(top: Tensor, k: Tensor, tail_lse: Tensor | None) -> tuple[Tensor,
         log_b = torch.logaddexp(log_b, tail_lse - v_below)
     # On the piece, y = e^(t - v_above) solves A y^2 + 2 e y - B g = 0 with e = k - i, g = e^(v_below - v_above).
     # Take log r, r = |e| + sqrt(e^2 + A B g), in the log domain: g underflows in float32 for integer k.
+    # The end pieces need no formula of their own: on piece 0 (threshold above every score) A = 0, so r = 2 e and
+    # t = v_0 + log(B / 2k); on piece m (below every score, whole row only) B = 0 and t = v_{m-1} + log(2 (m - k) / A).
     excess = k - piece.to(k.dtype)
     log_abs_excess = excess.abs().log()
     log_root = torch.logaddexp(
         log_abs_excess, 0.5 * torch.logaddexp(2 * log_abs_excess, log_a + log_b + (v_below - v_above))
     )
     # Of the two equivalent forms of the root, each side uses the one without cancellation.
-    t_inner = torch.where(excess <= 0, v_above + log_root - log_a, v_below + log_b - log_root)
-    t_first = v_below + log_b - torch.log(2 * k)  # piece 0: threshold above every score, B = Q_0
-    t_last = v_above + torch.log(2 * (m - k)) - log_a  # piece m: below every score (whole row only), A = P_{m-1}
-    t = torch.where(piece == 0, t_first, torch.where(piece == m, t_last, t_inner))
+    t = torch.where(excess <= 0, v_above + log_root - log_a, v_below + log_b - log_root)
     found = piece < m if tail_lse is not None else torch.ones_like(piece, dtype=torch.bool)
     return t, found
 
