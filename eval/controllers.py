@@ -27,6 +27,7 @@ eval/results/controllers/<setting>. Resumable: every run (embeddings) or seed (s
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import statistics
@@ -55,15 +56,15 @@ LR = 3e-3
 L0_TOLERANCE = 0.02
 
 
-def run_embeddings(scale_name: str, work: Path) -> tuple[list[dict[str, Any]], str]:
+def run_embeddings(scale_name: str, work: Path, seeds: Sequence[int] = SEEDS) -> tuple[list[dict[str, Any]], str]:
     """Every embedding-setting run (SoftSAE per control and seed, TopK per k and seed) as flat records, each a saved
     stage, and the setting's description."""
     scale = SCALES[scale_name]
     k = K if scale_name == "full" else scale.emb_ks[-1]
     topk_ks = TOPK_KS if scale_name == "full" else (k - 4, k)
     data = embedding_data(scale, work)
-    plan = [("softsae", name, k, seed) for seed in SEEDS for name in CONTROLS]
-    plan += [("topk", "topk", topk_k, seed) for seed in SEEDS for topk_k in topk_ks]
+    plan = [("softsae", name, k, seed) for seed in seeds for name in CONTROLS]
+    plan += [("topk", "topk", topk_k, seed) for seed in seeds for topk_k in topk_ks]
     records = []
     with tqdm(total=len(plan), desc="controller comparison", unit="run") as bar:
         for arch, name, run_k, seed in plan:
@@ -86,7 +87,9 @@ def run_embeddings(scale_name: str, work: Path) -> tuple[list[dict[str, Any]], s
     return records, described
 
 
-def run_smollm2(study_work: Path, work: Path, scale_name: str) -> tuple[list[dict[str, Any]], str]:
+def run_smollm2(
+    study_work: Path, work: Path, scale_name: str, seeds: Sequence[int] = SEEDS
+) -> tuple[list[dict[str, Any]], str]:
     """Every SmolLM2 run, one sweep per seed on `make study`'s cached activations (its work folder `study_work`, whose
     text, cache and lr stages must have finished) at its learning-rate picks; flat records and the description."""
     import study
@@ -117,8 +120,8 @@ def run_smollm2(study_work: Path, work: Path, scale_name: str) -> tuple[list[dic
     saes = {n: (arch, run_k, lr[arch]) for n, (arch, _, run_k) in names.items()}
     overrides = {n: CONTROLS[name] for n, (_, name, _) in names.items() if name in CONTROLS}
     records = []
-    with tqdm(total=len(SEEDS), desc="controller comparison (SmolLM2)", unit="seed") as bar:
-        for seed in SEEDS:
+    with tqdm(total=len(seeds), desc="controller comparison (SmolLM2)", unit="seed") as bar:
+        for seed in seeds:
 
             def sweep(seed: int = seed) -> dict[str, Any]:
                 study.train_stage(f"seed{seed}", saes, scale.training_tokens, seed, scale, data, work, True,
@@ -171,8 +174,9 @@ def _mean_sd(values: Sequence[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def verdict(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
-    """The winning control and the sentences that state the choice, computed from the compared rows."""
+def _gains_and_eligibility(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, bool]]:
+    """Per control, the mean FVE gain over TopK at matched L0, and whether every run's held-out and training L0
+    lie within L0_TOLERANCE of k."""
     by_control: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_control.setdefault(row["control"], []).append(row)
@@ -182,6 +186,15 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
         worst = max(max(abs(r["l0"] / k - 1), abs(r["train_l0"] / k - 1)) for r in group)
         within[control] = worst <= L0_TOLERANCE
     gains = {control: statistics.fmean(r["gain"] for r in group) for control, group in by_control.items()}
+    return gains, within
+
+
+def verdict(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The winning control and the sentences that state the choice, computed from the compared rows."""
+    by_control: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_control.setdefault(row["control"], []).append(row)
+    gains, within = _gains_and_eligibility(rows)
     eligible = [control for control in gains if within[control]]
     winner = max(eligible or gains, key=gains.__getitem__)
     lines = [
@@ -208,6 +221,54 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
     else:
         lines.append(f"Chosen: {winner}.")
     return winner, lines
+
+
+def combine(root: Path) -> str | None:
+    """The default across settings, from every root/<setting>/runs.csv (None with fewer than two settings): among
+    the controls eligible in every setting (L0 within 2% of k), the one with the highest FVE gain over TopK at
+    matched L0, averaged over the settings. Writes root/summary.md (every sentence computed) and returns it."""
+    settings = {}
+    for path in sorted(root.glob("*/runs.csv")):
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if r["arch"] == "softsae"]
+        settings[path.parent.name] = [
+            {**r, **{c: float(r[c]) for c in ("k", "fve", "l0", "train_l0", "gain")}} for r in rows
+        ]
+    if len(settings) < 2:
+        return None
+    measured = {name: _gains_and_eligibility(rows) for name, rows in settings.items()}
+    controls = list(CONTROLS)
+    eligible = [c for c in controls if all(within[c] for _, within in measured.values())]
+    score = {c: statistics.fmean(gains[c] for gains, _ in measured.values()) for c in controls}
+    winner = max(eligible or controls, key=score.__getitem__)
+    table = [
+        [c, *(f"{measured[name][0][c]:+.4f}{'' if measured[name][1][c] else ' (L0 off)'}" for name in settings),
+         f"{score[c]:+.4f}", "yes" if c in eligible else "no"]
+        for c in controls
+    ]  # fmt: skip
+    leaders = {name: max(gains, key=gains.__getitem__) for name, (gains, _) in measured.items()}
+    lines = [
+        "# SoftSAE's default sparsity control, across settings (eval/controllers.py)",
+        "",
+        "Mean FVE gain over TopK at matched L0 (seeds: "
+        + ", ".join(f"{name} {len({r['seed'] for r in rows})}" for name, rows in settings.items())
+        + "; the settings' tables are in "
+        + ", ".join(f"[{name}/summary.md]({name}/summary.md)" for name in settings)
+        + "). Eligible: L0 within 2% of k on held-out and training inputs in every run of every setting.",
+        "",
+        *md_table(["control", *settings, "mean over settings", "eligible"], table),
+        "Highest gain per setting: " + "; ".join(f"{name} {leader}" for name, leader in leaders.items()) + ".",
+        f"Default: {winner} (`{', '.join(f'{key}={value!r}' for key, value in CONTROLS[winner].items())}`), "
+        f"the highest mean gain among the eligible controls"
+        + (
+            f", ahead of {runner} by {score[winner] - score[runner]:+.4f}."
+            if (runner := max((c for c in eligible if c != winner), key=score.__getitem__, default=None))
+            else "."
+        ),
+        "",
+    ]
+    (root / "summary.md").write_text("\n".join(lines))
+    return winner
 
 
 def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out: Path, described: str) -> str:
@@ -254,7 +315,7 @@ def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out
     fig, ax = plt.subplots(figsize=(6, 4))
     for seed in sorted({r["seed"] for r in topk}):
         mine = sorted((r for r in topk if r["seed"] == seed), key=lambda r: r["l0"])
-        label = "TopK (one line per seed)" if seed == min(SEEDS) else None
+        label = "TopK (one line per seed)" if seed == min(r["seed"] for r in topk) else None
         ax.plot([r["l0"] for r in mine], [r["fve"] for r in mine], "k-", alpha=0.4, label=label)
     for control, marker in zip(CONTROLS, "osD", strict=True):
         group = [r for r in rows if r["control"] == control]
@@ -279,6 +340,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="default: runs/controllers-SETTING[-SCALE]")
     parser.add_argument("--study-work", type=Path, default=None, help="smollm2: the study's (runs/study-SCALE)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (two compete badly with a busy core)")
+    parser.add_argument(
+        "--seeds", type=lambda text: tuple(int(s) for s in text.split(",")), default=SEEDS, help="e.g. 42,43"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     suffix = "" if args.scale == "full" else f"-{args.scale}"
@@ -286,13 +350,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out or REPO / "eval" / "results" / "controllers" / args.setting
     work.mkdir(parents=True, exist_ok=True)
     if args.setting == "embeddings":
-        records, described = run_embeddings(args.scale, work)
+        records, described = run_embeddings(args.scale, work, args.seeds)
     else:
         study_work = args.study_work or REPO / "runs" / f"study-{args.scale}"
-        records, described = run_smollm2(study_work, work, args.scale)
+        records, described = run_smollm2(study_work, work, args.scale, args.seeds)
     winner = write_results(compare(records), records, out, described)
     print((out / "summary.md").read_text())
-    print(f"chosen: {winner}")
+    print(f"chosen in this setting: {winner}")
+    across = combine(out.parent)
+    if across is not None:
+        print(f"default across settings ({out.parent / 'summary.md'}): {across}")
 
 
 if __name__ == "__main__":

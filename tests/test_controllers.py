@@ -57,3 +57,18 @@ def test_the_summary_and_plot_are_written_from_the_records(tmp_path):
     assert "A setting. k = 32, seeds 42, 43" in text and "TopK's own runs at k 24, 28, 32" in text
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert len((tmp_path / "runs.csv").read_text().splitlines()) == 1 + 6 + 6  # header, SoftSAE runs, TopK runs
+
+
+def test_the_default_across_settings_averages_the_gains_of_the_controls_eligible_everywhere(tmp_path):
+    # Setting a: the constraint ahead of the calibrated softplus budget by 0.001; setting b: behind it by 0.02.
+    for name, constraint_fve in (("a", 0.70), ("b", 0.679)):
+        data = records(constraint_fve=constraint_fve)
+        controllers.write_results(controllers.compare(data), data, tmp_path / name, f"Setting {name}.")
+    assert controllers.combine(tmp_path) == "softplus+calibration"
+    text = (tmp_path / "summary.md").read_text()
+    assert "(seeds: a 2, b 2;" in text and "Highest gain per setting: a softplus (paper); b softplus (paper)." in text
+    assert "Default: softplus+calibration (`sparsity_control='softplus', calibrate_hard_l0=True`)" in text
+    assert "ahead of constraint by +0.0095." in text and "(L0 off)" in text
+    # One setting alone decides nothing.
+    (tmp_path / "b" / "runs.csv").unlink()
+    assert controllers.combine(tmp_path) is None
