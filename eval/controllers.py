@@ -258,13 +258,14 @@ def combine(root: Path) -> str | None:
         "",
         *md_table(["control", *settings, "mean over settings", "eligible"], table),
         "Highest gain per setting: " + "; ".join(f"{name} {leader}" for name, leader in leaders.items()) + ".",
-        f"Default: {winner} (`{', '.join(f'{key}={value!r}' for key, value in CONTROLS[winner].items())}`), "
+        f"Pick by this rule: {winner} (`{', '.join(f'{key}={value!r}' for key, value in CONTROLS[winner].items())}`), "
         f"the highest mean gain among the eligible controls"
         + (
             f", ahead of {runner} by {score[winner] - score[runner]:+.4f}."
             if (runner := max((c for c in eligible if c != winner), key=score.__getitem__, default=None))
             else "."
         ),
+        "The package default (`sparsity_control` in softsae.py) is set by hand from this and the README says why.",
         "",
     ]
     (root / "summary.md").write_text("\n".join(lines))

@@ -67,7 +67,7 @@ def test_the_default_across_settings_averages_the_gains_of_the_controls_eligible
     assert controllers.combine(tmp_path) == "softplus+calibration"
     text = (tmp_path / "summary.md").read_text()
     assert "(seeds: a 2, b 2;" in text and "Highest gain per setting: a softplus (paper); b softplus (paper)." in text
-    assert "Default: softplus+calibration (`sparsity_control='softplus', calibrate_hard_l0=True`)" in text
+    assert "Pick by this rule: softplus+calibration (`sparsity_control='softplus', calibrate_hard_l0=True`)" in text
     assert "ahead of constraint by +0.0095." in text and "(L0 off)" in text
     # One setting alone decides nothing.
     (tmp_path / "b" / "runs.csv").unlink()
