@@ -191,9 +191,6 @@ def _gains_and_eligibility(rows: list[dict[str, Any]]) -> tuple[dict[str, float]
 
 def verdict(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
     """The winning control and the sentences that state the choice, computed from the compared rows."""
-    by_control: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_control.setdefault(row["control"], []).append(row)
     gains, within = _gains_and_eligibility(rows)
     eligible = [control for control in gains if within[control]]
     winner = max(eligible or gains, key=gains.__getitem__)
@@ -212,7 +209,8 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
         )
     runner_up = sorted((c for c in (eligible or gains) if c != winner), key=gains.__getitem__, reverse=True)
     if runner_up:
-        spread = statistics.stdev(r["gain"] for r in by_control[winner]) if len(by_control[winner]) > 1 else 0.0
+        won = [r["gain"] for r in rows if r["control"] == winner]
+        spread = statistics.stdev(won) if len(won) > 1 else 0.0
         margin = gains[winner] - gains[runner_up[0]]
         lines.append(
             f"Chosen: {winner}, ahead of {runner_up[0]} by {margin:+.4f} FVE at matched L0 "
@@ -247,6 +245,8 @@ def combine(root: Path) -> str | None:
         for c in controls
     ]  # fmt: skip
     leaders = {name: max(gains, key=gains.__getitem__) for name, (gains, _) in measured.items()}
+    runner = max((c for c in eligible if c != winner), key=score.__getitem__, default=None)
+    margin = "." if runner is None else f", ahead of {runner} by {score[winner] - score[runner]:+.4f}."
     lines = [
         "# SoftSAE's default sparsity control, across settings (eval/controllers.py)",
         "",
@@ -259,12 +259,7 @@ def combine(root: Path) -> str | None:
         *md_table(["control", *settings, "mean over settings", "eligible"], table),
         "Highest gain per setting: " + "; ".join(f"{name} {leader}" for name, leader in leaders.items()) + ".",
         f"Pick by this rule: {winner} (`{', '.join(f'{key}={value!r}' for key, value in CONTROLS[winner].items())}`), "
-        f"the highest mean gain among the eligible controls"
-        + (
-            f", ahead of {runner} by {score[winner] - score[runner]:+.4f}."
-            if (runner := max((c for c in eligible if c != winner), key=score.__getitem__, default=None))
-            else "."
-        ),
+        f"the highest mean gain among the eligible controls{margin}",
         "The package default (`sparsity_control` in softsae.py) is set by hand from this and the README says why.",
         "",
     ]
